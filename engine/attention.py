@@ -1,0 +1,125 @@
+"""Attention over the paged KV cache: the torch reference used on CPU.
+
+Per layer the cache is `k_cache, v_cache: [num_blocks, block_size, KVH, D]`
+(slices of the engine's `[layers, 2, blocks, block_size, KVH, D]` tensor).
+A step's tokens are flattened to `[T]`: first the decode sequences (one token
+each), then the prefill chunks. `AttentionMetadata` describes that layout and
+is passed explicitly into every layer; nothing is kept in module state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunkMeta:
+    query_start: int  # index of the chunk's first token in the flat batch
+    query_len: int
+    context_len: int  # tokens of KV the chunk attends to, its own included
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] int64
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) per token
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32
+    prefills: list[PrefillChunkMeta] = field(default_factory=list)
+    use_triton: bool = False
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    # k, v: [T, KVH, D] -> cache slots
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    context_lens: torch.Tensor,  # [B]
+    scale: float,
+) -> torch.Tensor:  # [B, H, D]
+    b, h, d = q.shape
+    kvh, bs = k_cache.shape[2], k_cache.shape[1]
+    blocks = block_tables.long()
+    length = blocks.shape[1] * bs
+    k = k_cache[blocks].view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+    v = v_cache[blocks].view(b, length, kvh, d).transpose(1, 2)
+    qg = q.view(b, kvh, h // kvh, d)  # [B, KVH, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
+    pad = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, d)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [S, H, D] the chunk's queries, positions context_len-S .. context_len-1
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,  # [ceil(context_len / block_size)]
+    context_len: int,
+    scale: float,
+) -> torch.Tensor:  # [S, H, D]
+    s, _, d = q.shape
+    kvh = k_cache.shape[2]
+    k = k_cache[block_ids].view(-1, kvh, d)[:context_len]  # [L, KVH, D]
+    v = v_cache[block_ids].view(-1, kvh, d)[:context_len]
+    return causal_attention(q, k, v, scale)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """q: [S, H, D] are the last S positions of k, v: [L, KVH, D]."""
+    s, length = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|KVH, S|L, D]
+    if s == length:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(length - s, length, device=q.device)[:, None]
+        allowed = torch.arange(length, device=q.device)[None, :] <= q_pos  # [S, L]
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=allowed, scale=scale, enable_gqa=True
+        )
+    return out.transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        decode = paged_decode_attention
+        if meta.use_triton:
+            from engine.triton_attention import paged_decode_attention_triton as decode
+        out[:nd] = decode(
+            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+        )
+    for p in meta.prefills:
+        rows = slice(p.query_start, p.query_start + p.query_len)
+        if p.context_len == p.query_len:  # nothing cached before the chunk: use its own K/V
+            out[rows] = causal_attention(q[rows], k[rows], v[rows], scale)
+        else:
+            out[rows] = paged_prefill_attention(
+                q[rows], k_cache, v_cache, p.block_ids, p.context_len, scale
+            )
+    return out

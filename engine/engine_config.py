@@ -1,0 +1,55 @@
+"""The engine's one validated config; CLI flags and the offline API map onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.scheduler import SchedulingPolicy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    scheduling: str = "continuous"  # "continuous" | "static"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_cache_gb
+    kv_cache_gb: float = 2.0
+    max_model_len: int | None = None  # None: the model's own, capped at 8192
+    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    num_threads: int | None = None
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(
+                f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
+        if self.scheduling not in {p.value for p in SchedulingPolicy}:
+            raise InvalidRequestError(
+                f"unknown scheduling {self.scheduling!r}; choose continuous or static"
+            )
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequestError(f"{name} must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise InvalidRequestError("num_kv_blocks must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device

@@ -1,0 +1,191 @@
+"""One model, one KV cache, one scheduler: the step loop both worker kinds run.
+
+    add_request ──> Scheduler (WAITING) ──schedule──> ModelRunner.execute
+         ^                                                  │ logits
+         │                        Sampler ──> token ──> stop checks ──> RequestOutput
+         └── abort: blocks freed at once                         └─ finished: blocks freed
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from engine.engine_config import EngineConfig
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.loader import load_config, load_state_dict, load_tokenizer, resolve_model
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput, RequestTimings
+from engine.sampler import SampledToken, Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
+from engine.sequence import FinishReason, Sequence
+from engine.tokenizer import IncrementalDetokenizer
+
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    output: RequestOutput
+    detok: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = resolve_model(config.model)
+        self.model_config = load_config(path)
+        self.tokenizer = load_tokenizer(path)
+        model_len = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, model_len)
+        num_blocks = config.num_kv_blocks or self._blocks_for_bytes(config.kv_cache_gb * 2**30)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise InvalidRequestError(
+                f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
+                f"sequence of max_model_len {self.max_model_len}"
+            )
+        state = load_state_dict(path, self.model_config, config.torch_dtype)
+        self.runner = ModelRunner(
+            self.model_config, state, num_blocks, config.block_size,
+            config.torch_dtype, config.torch_device,
+        )
+        del state
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                policy=SchedulingPolicy(config.scheduling),
+                enable_prefix_caching=config.enable_prefix_caching,
+                chunked_prefill=config.chunked_prefill,
+            )
+        )
+        self.sampler = Sampler(config.seed)
+        self._requests: dict[str, _Request] = {}
+
+    def _blocks_for_bytes(self, nbytes: float) -> int:
+        c = self.model_config
+        per_block = (2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim
+                     * self.config.torch_dtype.itemsize)
+        return max(1, int(nbytes // per_block))
+
+    # ---- requests ------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(prompt_token_ids) + 1 > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context holds "
+                f"{self.max_model_len} (prompt + at least 1 generated token)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        arrival_s: float | None = None,
+    ) -> None:
+        if request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        self.validate_prompt(prompt_token_ids)
+        ids = list(prompt_token_ids)
+        seq = Sequence(request_id, ids, params)
+        timings = RequestTimings(time.perf_counter() if arrival_s is None else arrival_s)
+        output = RequestOutput(request_id, list(ids), prompt=prompt, timings=timings)
+        if params.logprobs is not None:
+            output.logprobs = []
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        self._requests[request_id] = _Request(seq, output, detok)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        self.sampler.forget(request_id)
+        req.output.finish_reason = FinishReason.ABORT.value
+        req.output.timings.finished_s = time.perf_counter()
+        return req.output
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    # ---- the step ------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs that got a token or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        batch = self.runner.prepare(out)
+        logits = self.runner.execute(batch)
+        self.scheduler.step_done(out)
+        seqs = [c.seq for c in batch.sample_chunks]
+        sampled = self.sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
+        now = time.perf_counter()
+        return [self._append(self._requests[s.seq_id], tok, now) for s, tok in zip(seqs, sampled)]
+
+    def _append(self, req: _Request, tok: SampledToken, now: float) -> RequestOutput:
+        seq, out = req.seq, req.output
+        seq.token_ids.append(tok.token_id)
+        out.token_ids.append(tok.token_id)
+        if out.logprobs is not None:
+            out.logprobs.append(tok)
+        if out.timings.first_token_s is None:
+            out.timings.first_token_s = now
+        out.timings.token_times_s.append(now)
+        out.text += req.detok.push(tok.token_id)
+        reason = self._stop_reason(req, tok.token_id)
+        if reason is not None:
+            self._finish(req, reason, now)
+        return out
+
+    def _stop_reason(self, req: _Request, token_id: int) -> FinishReason | None:
+        seq, params = req.seq, req.seq.params
+        if not params.ignore_eos and token_id in self.tokenizer.stop_token_ids:
+            return FinishReason.STOP
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if params.stop and self._truncate_at_stop_string(req.output, params):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    @staticmethod
+    def _truncate_at_stop_string(out: RequestOutput, params: SamplingParams) -> bool:
+        hits = [(out.text.find(s), s) for s in params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        out.text = out.text[: i + len(s)] if params.include_stop_str_in_output else out.text[:i]
+        return True
+
+    def _finish(self, req: _Request, reason: FinishReason, now: float) -> None:
+        out = req.output
+        if reason is FinishReason.LENGTH:  # a stop ends on whole text already
+            out.text += req.detok.flush()
+        out.finish_reason = reason.value
+        out.timings.finished_s = now
+        self.scheduler.finish(req.seq, reason)
+        self.sampler.forget(req.seq.seq_id)
+        del self._requests[req.seq.seq_id]
