@@ -1,4 +1,4 @@
-"""Model configuration: one frozen, validated dataclass read from HF `config.json` or GGUF metadata."""
+"""Model configuration: a frozen, validated dataclass from HF `config.json` or GGUF metadata."""
 
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ class ModelConfig:
                      "num_kv_heads", "head_dim", "max_position_embeddings"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise UnsupportedModelError(f"model config {name} must be a positive int, got {value!r}")
+                raise UnsupportedModelError(
+                    f"model config {name} must be a positive int, got {value!r}"
+                )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -115,10 +117,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """From a transformers `config.json` (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+        """From an HF `config.json` (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
         arch = d.get("model_type")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"unsupported model_type {arch!r} in config.json")
+        if arch != "qwen2" and d.get("attention_bias"):  # HF Llama then also has o_proj.bias
+            raise UnsupportedModelError(
+                f"{arch} with attention_bias (o_proj bias) is not supported"
+            )
         try:
             num_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -164,9 +170,8 @@ class ModelConfig:
         head_dim = _field(reader, f"{arch}.attention.key_length") or _field(
             reader, f"{arch}.rope.dimension_count", hidden // num_heads
         )
-        vocab = _field(reader, f"{arch}.vocab_size") or len(
-            reader.fields["tokenizer.ggml.tokens"].data
-        )
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
         theta = float(key("rope.freq_base", 10000.0))
         return cls(
             architecture=arch,

@@ -1,4 +1,4 @@
-"""Weights from a GGUF file: llama.cpp names -> HF Llama names, dequantized, Q/K rows un-permuted."""
+"""Weights from a GGUF file: llama.cpp names -> HF Llama names, dequantized, Q/K un-permuted."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's `permute` of Q/K rows (interleaved rope pairs -> HF's rotate-half halves)."""
+    """Undo llama.cpp's `permute` of Q/K rows (interleaved rope pairs -> HF rotate-half)."""
     half = w.shape[0] // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

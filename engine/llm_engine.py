@@ -29,6 +29,24 @@ DEFAULT_MAX_MODEL_LEN = 8192
 
 
 @dataclass(slots=True)
+class EngineStats:
+    """Counters over the engine's life; the benchmarks read them."""
+
+    steps: int = 0
+    batched_tokens: int = 0
+    preemptions: int = 0
+    kv_slots_allocated: int = 0  # summed over steps
+    kv_slots_filled: int = 0
+
+    @property
+    def kv_waste(self) -> float:
+        """Share of allocated KV slots that held no token, averaged over steps."""
+        if not self.kv_slots_allocated:
+            return 0.0
+        return 1.0 - self.kv_slots_filled / self.kv_slots_allocated
+
+
+@dataclass(slots=True)
 class _Request:
     seq: Sequence
     output: RequestOutput
@@ -70,6 +88,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(config.seed)
         self._requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
 
     def _blocks_for_bytes(self, nbytes: float) -> int:
         c = self.model_config
@@ -138,10 +157,20 @@ class LLMEngine:
         batch = self.runner.prepare(out)
         logits = self.runner.execute(batch)
         self.scheduler.step_done(out)
+        self._count(out)
         seqs = [c.seq for c in batch.sample_chunks]
         sampled = self.sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
         now = time.perf_counter()
         return [self._append(self._requests[s.seq_id], tok, now) for s, tok in zip(seqs, sampled)]
+
+    def _count(self, out) -> None:
+        st = self.stats
+        st.steps += 1
+        st.batched_tokens += out.num_batched_tokens
+        st.preemptions += len(out.preempted)
+        allocated, filled = self.scheduler.kv_slot_usage()
+        st.kv_slots_allocated += allocated
+        st.kv_slots_filled += filled
 
     def _append(self, req: _Request, tok: SampledToken, now: float) -> RequestOutput:
         seq, out = req.seq, req.output

@@ -168,6 +168,16 @@ class Scheduler:
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed_tokens)
 
+    def kv_slot_usage(self) -> tuple[int, int]:
+        """(allocated slots, slots holding a computed token) over blocks live sequences hold."""
+        bs = self.config.block_size
+        filled: dict[int, int] = {}
+        for seq in self.running:
+            for i, block_id in enumerate(seq.blocks.block_ids):
+                n = min(bs, max(0, seq.num_computed_tokens - i * bs))
+                filled[block_id] = max(filled.get(block_id, 0), n)
+        return self.allocator.num_used * bs, sum(filled.values())
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         queue = deque(self.running)
         kept: list[Sequence] = []
