@@ -90,6 +90,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
         self.held: dict[str, Sequence] = {}  # prefill-only, finished, KV not yet released
+        self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     # ---- requests in and out -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -208,6 +209,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.blocks.block_ids:
                 seq.num_computed_tokens = self.kv.match_prefix(seq.blocks, seq.token_ids)
+                self.prefix_hit_tokens += seq.num_computed_tokens
             want = seq.num_uncomputed_tokens
             n = want if ignore_budget else min(want, budget)
             fits_whole_budget = want <= cfg.max_num_batched_tokens
@@ -227,6 +229,7 @@ class Scheduler:
 
     def _unmatch(self, seq: Sequence) -> None:
         """Drop prefix-cache references of a sequence that could not be admitted."""
+        self.prefix_hit_tokens -= seq.num_computed_tokens
         self.kv.release(seq.blocks)
         seq.num_computed_tokens = 0
 

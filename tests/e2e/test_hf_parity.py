@@ -29,13 +29,13 @@ def hf_greedy() -> list[list[int]]:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: never stop, never suppress EOS
     outs = []
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.inference_mode():
             gen = model.generate(
-                ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS,
-                pad_token_id=tok.eos_token_id,
+                ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id,
             )
         outs.append(gen[0, ids.shape[1]:].tolist())
     return outs
