@@ -53,8 +53,9 @@ def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list
     if length <= 0 or vocab_size <= FIRST_PLAIN_TOKEN_ID:
         raise ValueError("length must be positive and the vocabulary larger than the control ids")
     rng = random.Random(seed)
-    return [[rng.randrange(FIRST_PLAIN_TOKEN_ID, vocab_size) for _ in range(length)]
-            for _ in range(n)]  # fmt: skip
+    return [
+        [rng.randrange(FIRST_PLAIN_TOKEN_ID, vocab_size) for _ in range(length)] for _ in range(n)
+    ]
 
 
 def make_workload(

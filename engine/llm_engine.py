@@ -1,9 +1,9 @@
 """One model, one KV cache, one scheduler: the step loop both worker kinds run.
 
-    add_request ──> Scheduler (WAITING) ──schedule──> ModelRunner.execute
-         ^                                                  │ logits
-         │                        Sampler ──> token ──> stop checks ──> RequestOutput
-         └── abort: blocks freed at once                         └─ finished: blocks freed
+add_request ──> Scheduler (WAITING) ──schedule──> ModelRunner.execute
+     ^                                                  │ logits
+     │                        Sampler ──> token ──> stop checks ──> RequestOutput
+     └── abort: blocks freed at once                         └─ finished: blocks freed
 """
 
 from __future__ import annotations
@@ -71,8 +71,12 @@ class LLMEngine:
             )
         state = load_state_dict(path, self.model_config, config.torch_dtype)
         self.runner = ModelRunner(
-            self.model_config, state, num_blocks, config.block_size,
-            config.torch_dtype, config.torch_device,
+            self.model_config,
+            state,
+            num_blocks,
+            config.block_size,
+            config.torch_dtype,
+            config.torch_device,
         )
         del state
         self.scheduler = Scheduler(
@@ -92,8 +96,14 @@ class LLMEngine:
 
     def _blocks_for_bytes(self, nbytes: float) -> int:
         c = self.model_config
-        per_block = (2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim
-                     * self.config.torch_dtype.itemsize)
+        per_block = (
+            2
+            * c.num_layers
+            * self.config.block_size
+            * c.num_kv_heads
+            * c.head_dim
+            * self.config.torch_dtype.itemsize
+        )
         return max(1, int(nbytes // per_block))
 
     # ---- requests ------------------------------------------------------------
@@ -161,7 +171,8 @@ class LLMEngine:
         seqs = [c.seq for c in batch.sample_chunks]
         sampled = self.sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
         now = time.perf_counter()
-        return [self._append(self._requests[s.seq_id], tok, now) for s, tok in zip(seqs, sampled)]
+        reqs = [self._requests[s.seq_id] for s in seqs]
+        return [self._append(req, tok, now) for req, tok in zip(reqs, sampled, strict=True)]
 
     def _count(self, out) -> None:
         st = self.stats

@@ -60,11 +60,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, KVH, D]
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin: [T, 1, D] for the step's positions, computed once for all layers."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -73,24 +76,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """q, k and v come from one fused projection (`qkv_proj`), gate and up likewise."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        h, d = config.hidden_size, config.head_dim
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv_layer, meta: AttentionMetadata):
+    def forward(self, x, rope_cos_sin, kv_layer, meta: AttentionMetadata):
         # x: [T, hidden]; kv_layer: [2, blocks, block_size, KVH, D]
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), *rope_cos_sin)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), *rope_cos_sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_layer[0], kv_layer[1], meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
@@ -98,13 +102,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        h, self.inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Linear(h, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -115,8 +119,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rope, kv_layer, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta)
+    def forward(self, x, rope_cos_sin, kv_layer, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope_cos_sin, kv_layer, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -147,8 +151,9 @@ class LlamaForCausalLM(nn.Module):
         layer_hook=None,  # called as layer_hook(layer_index) after each layer (KV streaming)
     ) -> torch.Tensor:  # [T, hidden]
         x = self.model.embed_tokens(input_ids)
+        rope_cos_sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rope, kv_cache[i], meta)
+            x = layer(x, rope_cos_sin, kv_cache[i], meta)
             if layer_hook is not None:
                 layer_hook(i)
         return self.model.norm(x)
@@ -158,18 +163,39 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load an HF-named state dict, concatenating q/k/v and gate/up into fused weights."""
+        state = fuse_projections(state_dict)
         params = dict(self.named_parameters())
-        missing = [n for n in params if n not in state_dict and n != "lm_head.weight"]
+        missing = [n for n in params if n not in state]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0]}")
         with torch.no_grad():
-            for name, tensor in state_dict.items():
-                if name in params:
-                    if params[name].shape != tensor.shape:
-                        raise ValueError(
-                            f"{name}: checkpoint shape {tuple(tensor.shape)} "
-                            f"!= model shape {tuple(params[name].shape)}"
-                        )
-                    params[name].copy_(tensor)
-        if not self.config.tie_word_embeddings and "lm_head.weight" not in state_dict:
-            raise ValueError("checkpoint has untied embeddings but no lm_head.weight")
+            for name, param in params.items():
+                if param.shape != state[name].shape:
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(state[name].shape)} "
+                        f"!= model shape {tuple(param.shape)}"
+                    )
+                param.copy_(state[name])
+
+
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names -> ours: `layers.i.self_attn.{q,k,v}_proj.*` become `...qkv_proj.*`, etc."""
+    out = dict(state)
+    for name in list(state):
+        for fused, parts in _FUSED.items():
+            suffix = "." + parts[0] + "."
+            if suffix not in name:
+                continue
+            prefix, kind = name.split(suffix)
+            names = [f"{prefix}.{p}.{kind}" for p in parts]
+            out[f"{prefix}.{fused}.{kind}"] = torch.cat([state[n] for n in names], dim=0)
+            for n in names:
+                out.pop(n)
+    return out

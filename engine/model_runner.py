@@ -40,12 +40,11 @@ class ModelRunner:
             model = LlamaForCausalLM(config)
         model = model.to_empty(device=self.device).to(dtype)
         model.rope = type(model.rope)(config).to(self.device)  # buffers were on meta
-        model.load_weights(state_dict)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings:  # to_empty() unties shared parameters
             model.lm_head.weight = model.model.embed_tokens.weight
+        model.load_weights(state_dict)
         self.model = model.eval()
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads,
-                 config.head_dim)
+        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed, not empty: padded slots are multiplied by zero attention weight,
         # and garbage NaNs would survive that.
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -81,7 +80,9 @@ class ModelRunner:
         if decode_tables:
             width = max(len(t) for t in decode_tables)
             meta.num_decodes = len(decode_tables)
-            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            meta.decode_block_tables = self._tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables]
+            )
             meta.decode_context_lens = self._tensor(decode_lens, torch.int32)
         meta.prefills = prefills
         sample_chunks = [c for c in chunks if c.samples]

@@ -35,9 +35,12 @@ def hf_greedy() -> list[list[int]]:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.inference_mode():
             gen = model.generate(
-                ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id,
+                ids,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
             )
-        outs.append(gen[0, ids.shape[1]:].tolist())
+        outs.append(gen[0, ids.shape[1] :].tolist())
     return outs
 
 

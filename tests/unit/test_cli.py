@@ -16,7 +16,10 @@ def splitserve(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "router.cli", *args],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -26,8 +29,17 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_generate_prints_text(tiny):
-    r = splitserve("generate", "--model", str(tiny), "--prompt", "The quick brown fox",
-                   "--max-tokens", "8", "--threads", "1")
+    r = splitserve(
+        "generate",
+        "--model",
+        str(tiny),
+        "--prompt",
+        "The quick brown fox",
+        "--max-tokens",
+        "8",
+        "--threads",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "finish=length" in r.stderr

@@ -44,7 +44,7 @@ def test_greedy_equals_hf_dense_model(tiny_dir, reference):
         ids = torch.tensor([p])
         with torch.inference_mode():
             gen = hf.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
-        assert gen[0, len(p):].tolist() == ours
+        assert gen[0, len(p) :].tolist() == ours
     assert len({tuple(r) for r in reference}) > 1  # the model does not emit one fixed string
 
 

@@ -25,44 +25,51 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(llm):
     p = SamplingParams(max_tokens=16, temperature=1.0, seed=11, ignore_eos=True)
     a, b = llm.generate([PROMPT, PROMPT], [p, p])
     assert a.token_ids == b.token_ids  # same seed, same batch step: same draws
-    c = llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=1.0, seed=12,
-                                              ignore_eos=True))[0]
+    c = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=16, temperature=1.0, seed=12, ignore_eos=True)
+    )[0]
     assert c.token_ids != a.token_ids
 
 
 def test_top_k_one_is_greedy(llm):
-    greedy = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0,
-                                                   ignore_eos=True))[0]
-    topk1 = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=1.5, top_k=1,
-                                                  ignore_eos=True))[0]
+    greedy = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    )[0]
+    topk1 = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=12, temperature=1.5, top_k=1, ignore_eos=True)
+    )[0]
     assert topk1.token_ids == greedy.token_ids
 
 
 def test_max_tokens_and_stop_token_ids(llm):
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0.0,
-                                                ignore_eos=True))[0]
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
     stop_id = out.token_ids[2]
-    out2 = llm.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
-                                                 stop_token_ids=[stop_id]))[0]
+    out2 = llm.generate(
+        [PROMPT],
+        SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id]),
+    )[0]
     assert out2.token_ids == out.token_ids[: out.token_ids.index(stop_id) + 1]
     assert out2.finish_reason == "stop"
 
 
 def test_stop_string_truncates_text(llm):
-    full = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0,
-                                                 ignore_eos=True))[0]
+    full = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[
+        0
+    ]
     assert len(full.text) > 6
     stop = full.text[3:6]
-    cut = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
-                                                stop=[stop]))[0]
+    cut = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop])
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
 
 
 def test_logprobs_are_top_n_of_a_distribution(llm):
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3,
-                                                ignore_eos=True))[0]
+    out = llm.generate(
+        [PROMPT], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, ignore_eos=True)
+    )[0]
     assert len(out.logprobs) == 4
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert len(lp.top_logprobs) == 3

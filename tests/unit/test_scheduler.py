@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockAllocator, KVCacheManager, BlockTable
+from engine.block_manager import BlockAllocator, BlockTable, KVCacheManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -39,9 +39,15 @@ def test_prompts_prefill_together_then_decode_one_token_each():
     s.add(a)
     s.add(b)
     out = run_step(s)
-    assert [(c.seq.seq_id, c.start, c.num_tokens) for c in out.chunks] == [("a", 0, 10), ("b", 0, 6)]
+    assert [(c.seq.seq_id, c.start, c.num_tokens) for c in out.chunks] == [
+        ("a", 0, 10),
+        ("b", 0, 6),
+    ]
     out = run_step(s)
-    assert [(c.seq.seq_id, c.start, c.num_tokens) for c in out.chunks] == [("a", 10, 1), ("b", 6, 1)]
+    assert [(c.seq.seq_id, c.start, c.num_tokens) for c in out.chunks] == [
+        ("a", 10, 1),
+        ("b", 6, 1),
+    ]
     assert all(c.samples for c in out.chunks)
 
 
@@ -55,7 +61,9 @@ def test_token_budget_chunks_long_prompt_and_decodes_go_first():
     assert not out.chunks[1].samples  # a partial prefill samples nothing
     out = run_step(s)
     assert [(c.seq.seq_id, c.start, c.num_tokens) for c in out.chunks] == [
-        ("short", 4, 1), ("long", 7, 7)]
+        ("short", 4, 1),
+        ("long", 7, 7),
+    ]
     out = run_step(s)
     assert out.chunks[1].start == 14 and out.chunks[1].num_tokens == 6 and out.chunks[1].samples
 
@@ -164,8 +172,14 @@ def test_abort_frees_blocks_of_waiting_running_and_awaiting():
     caching=st.booleans(),
 )
 def test_random_admit_finish_preempt_returns_every_block(ops, policy, caching):
-    s = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
-                       policy=policy, enable_prefix_caching=caching)
+    s = make_scheduler(
+        num_blocks=12,
+        block_size=4,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        policy=policy,
+        enable_prefix_caching=caching,
+    )
     live: list[str] = []
     for i, (op, n) in enumerate(ops):
         if op == "add":
