@@ -1,0 +1,167 @@
+"""Runs an `LLMEngine` step loop on its own thread; other threads submit, abort and call in.
+
+    submit(request, sink) ──> [commands] ──loop thread──> engine.add_request
+    loop thread: engine.step() ──> TokenDelta per request ──> sink(delta)
+    abort(id) ──> engine.abort: blocks freed, sink gets a final delta (finish_reason="abort")
+    idle: the thread waits on a condition; any command wakes it (no sleep-polling)
+
+`stream()` adapts a request to an asyncio async iterator; closing it early (a
+client that went away) aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampler import SampledToken
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)  # new since the previous delta
+    logprobs: list[SampledToken] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # so far, including these
+
+
+Sink = Callable[[TokenDelta], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop"):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._sinks: dict[str, Sink] = {}
+        self._sent: dict[str, int] = {}
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread ---------------------------------------------
+    def submit(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, sink: Sink
+    ) -> None:
+        self.engine.validate_prompt(prompt_token_ids)  # bad input fails in the caller
+        ids = list(prompt_token_ids)
+
+        def add() -> None:
+            self._sinks[request_id] = sink
+            self._sent[request_id] = 0
+            self.engine.add_request(request_id, ids, params)
+
+        self._post(add)
+
+    def abort(self, request_id: str) -> None:
+        def do_abort() -> None:
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._deliver(out)
+
+        self._post(do_abort)
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
+        """Run `fn(engine)` on the loop thread between steps; its result comes in a Future."""
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
+
+        self._post(run)
+        return fut
+
+    def register_sink(self, request_id: str, sink: Sink, num_sent: int = 0) -> None:
+        """For requests added by `call` (KV computed elsewhere): where their tokens go."""
+        self._sinks[request_id] = sink
+        self._sent[request_id] = num_sent
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+
+    def _post(self, command: Callable[[], None]) -> None:
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("engine loop is stopped")
+            self._commands.append(command)
+            self._cond.notify()
+
+    # ---- the loop thread ---------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopped and not self._commands and not self._has_work():
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    commands, self._commands = self._commands, []
+                for command in commands:
+                    command()
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as exc:  # the loop must not die silently
+            self.error = exc
+            for rid in list(self._sinks):
+                self._sinks.pop(rid)(TokenDelta(rid, finish_reason="error"))
+            raise
+
+    def _has_work(self) -> bool:
+        return self.engine.scheduler.has_work()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sink = self._sinks.get(out.request_id)
+        if sink is None:
+            return
+        sent = self._sent[out.request_id]
+        delta = TokenDelta(
+            out.request_id,
+            out.token_ids[sent:],
+            out.logprobs[sent:] if out.logprobs is not None else None,
+            out.finish_reason,
+            len(out.prompt_token_ids),
+            len(out.token_ids),
+        )
+        self._sent[out.request_id] = len(out.token_ids)
+        if out.finished:
+            del self._sinks[out.request_id], self._sent[out.request_id]
+        sink(delta)
+
+
+async def stream(
+    loop: EngineLoop, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+) -> AsyncIterator[TokenDelta]:
+    """Yield a request's deltas; leaving the iteration early aborts the request."""
+    aio = asyncio.get_running_loop()
+    queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+    loop.submit(
+        request_id,
+        prompt_token_ids,
+        params,
+        lambda d: aio.call_soon_threadsafe(queue.put_nowait, d),
+    )
+    finished = False
+    try:
+        while not finished:
+            delta = await queue.get()
+            finished = delta.finish_reason is not None
+            yield delta
+    finally:
+        if not finished:
+            loop.abort(request_id)

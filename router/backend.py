@@ -1,0 +1,83 @@
+"""What the HTTP and gRPC front ends need from the serving system behind them.
+
+A front end validates and tokenizes, then iterates `backend.generate(...)`:
+token deltas arrive as the workers produce them; leaving the iteration early
+(client disconnect, stop string) aborts the request on every worker it touched.
+`RayBackend` (router/pools.py) is the disaggregated system; `LocalBackend` runs
+one engine in-process (tests of the front ends, and the simplest deployment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from engine.engine_loop import EngineLoop, TokenDelta, stream
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+
+class Backend(Protocol):
+    model_name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+
+    def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def healthy(self) -> bool: ...
+
+
+def validate_prompt(backend: Backend, prompt_token_ids: Sequence[int]) -> None:
+    """Raise InvalidRequestError / PromptTooLongError before any worker sees the request."""
+    from engine.errors import InvalidRequestError, PromptTooLongError
+
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt is empty")
+    if len(prompt_token_ids) + 1 > backend.max_model_len:
+        raise PromptTooLongError(
+            f"prompt has {len(prompt_token_ids)} tokens; the context holds "
+            f"{backend.max_model_len} (prompt + at least 1 generated token)"
+        )
+    bad = next((t for t in prompt_token_ids if not 0 <= t < backend.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary")
+
+
+class LocalBackend:
+    """One engine on a thread of this process."""
+
+    def __init__(self, loop: EngineLoop, model_name: str):
+        self.loop = loop
+        self.model_name = model_name
+        self.tokenizer = loop.engine.tokenizer
+        self.max_model_len = loop.engine.max_model_len
+        self.vocab_size = loop.engine.model_config.vocab_size
+
+    def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        return stream(self.loop, request_id, prompt_token_ids, params)
+
+    async def status(self) -> dict[str, Any]:
+        eng = self.loop.engine
+        alloc = eng.scheduler.allocator
+        worker = {
+            "name": "local-0",
+            "role": "colocated",
+            "running": len(eng.scheduler.running),
+            "waiting": len(eng.scheduler.waiting),
+            "kv_blocks_used": alloc.num_used,
+            "kv_blocks_total": alloc.num_blocks,
+        }
+        return {"model": self.model_name, "mode": "local", "workers": [worker]}
+
+    async def healthy(self) -> bool:
+        return self.loop.error is None
+
+    def shutdown(self) -> None:
+        self.loop.stop()
