@@ -9,6 +9,7 @@ add_request ──> Scheduler (WAITING) ──schedule──> ModelRunner.execut
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -21,11 +22,12 @@ from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimings
 from engine.sampler import SampledToken, Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulingPolicy
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import IncrementalDetokenizer
 
 DEFAULT_MAX_MODEL_LEN = 8192
+LayerHook = Callable[[int, list[ScheduledChunk]], None]
 
 
 @dataclass(slots=True)
@@ -127,25 +129,62 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         arrival_s: float | None = None,
+        prefill_only: bool = False,
     ) -> None:
+        """Queue a request. `prefill_only`: stop after the first token and hold the prompt's
+        KV until `release` (a prefill worker hands it to a decode worker meanwhile)."""
+        req = self._new_request(request_id, prompt_token_ids, params, prompt, arrival_s)
+        req.seq.prefill_only = prefill_only
+        self.scheduler.add(req.seq)
+
+    def _new_request(self, request_id, prompt_token_ids, params, prompt, arrival_s) -> _Request:
         if request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         self.validate_prompt(prompt_token_ids)
         ids = list(prompt_token_ids)
-        seq = Sequence(request_id, ids, params)
         timings = RequestTimings(time.perf_counter() if arrival_s is None else arrival_s)
         output = RequestOutput(request_id, list(ids), prompt=prompt, timings=timings)
         if params.logprobs is not None:
             output.logprobs = []
-        detok = IncrementalDetokenizer(self.tokenizer, ids)
-        self._requests[request_id] = _Request(seq, output, detok)
-        self.scheduler.add(seq)
+        req = _Request(
+            Sequence(request_id, ids, params), output, IncrementalDetokenizer(self.tokenizer, ids)
+        )
+        self._requests[request_id] = req
+        return req
+
+    def release(self, request_id: str) -> None:
+        """Free the KV a prefill-only request held for hand-off."""
+        seq = self.scheduler.held.get(request_id)
+        if seq is not None:
+            self.scheduler.release(seq)
+
+    # ---- KV computed elsewhere (decode worker) --------------------------------
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+    ) -> list[int] | None:
+        """Reserve blocks for a prompt whose KV a prefill worker will send; None: no room."""
+        req = self._new_request(request_id, prompt_token_ids, params, None, None)
+        blocks = self.scheduler.reserve_remote(req.seq, len(req.seq.token_ids))
+        if blocks is None:
+            del self._requests[request_id]
+        return blocks
+
+    def remote_kv_landed(self, request_id: str, first: SampledToken) -> RequestOutput | None:
+        """All pages are in: append the prefill's first token and join the running batch."""
+        req = self._requests.get(request_id)
+        if req is None:  # aborted meanwhile
+            return None
+        num_prompt = req.seq.num_tokens
+        out = self._append(req, first, time.perf_counter())
+        if not out.finished:
+            self.scheduler.kv_landed(request_id, num_prompt)
+        return out
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self._requests.pop(request_id, None)
+        self.scheduler.abort(request_id)  # also frees KV a finished prefill still holds
         if req is None:
             return None
-        self.scheduler.abort(request_id)
         self.sampler.forget(request_id)
         req.output.finish_reason = FinishReason.ABORT.value
         req.output.timings.finished_s = time.perf_counter()
@@ -159,13 +198,17 @@ class LLMEngine:
         return len(self._requests)
 
     # ---- the step ------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs that got a token or finished."""
+    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
+        """Run one iteration; return the outputs that got a token or finished.
+
+        `layer_hook(layer, chunks)` runs after each layer's KV is in the cache (KV streaming).
+        """
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         batch = self.runner.prepare(out)
-        logits = self.runner.execute(batch)
+        hook = None if layer_hook is None else (lambda layer: layer_hook(layer, batch.chunks))
+        logits = self.runner.execute(batch, hook)
         self.scheduler.step_done(out)
         self._count(out)
         seqs = [c.seq for c in batch.sample_chunks]
@@ -194,6 +237,8 @@ class LLMEngine:
         out.timings.token_times_s.append(now)
         out.text += req.detok.push(tok.token_id)
         reason = self._stop_reason(req, tok.token_id)
+        if reason is None and seq.prefill_only:
+            reason = FinishReason.PREFILLED
         if reason is not None:
             self._finish(req, reason, now)
         return out
