@@ -38,8 +38,9 @@ Sink = Callable[[TokenDelta], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine-loop"):
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop", layer_hook=None):
         self.engine = engine
+        self.layer_hook = layer_hook  # see LLMEngine.step
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []
         self._sinks: dict[str, Sink] = {}
@@ -89,6 +90,16 @@ class EngineLoop:
         self._sinks[request_id] = sink
         self._sent[request_id] = num_sent
 
+    def land_remote(self, request_id: str, first: SampledToken) -> None:
+        """A remote prefill's pages are all in: admit the request (decode worker)."""
+
+        def land() -> None:
+            out = self.engine.remote_kv_landed(request_id, first)
+            if out is not None and out.finished:
+                self._deliver(out)
+
+        self._post(land)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cond:
             self._stopped = True
@@ -114,7 +125,7 @@ class EngineLoop:
                     commands, self._commands = self._commands, []
                 for command in commands:
                     command()
-                for out in self.engine.step():
+                for out in self.engine.step(self.layer_hook):
                     self._deliver(out)
         except BaseException as exc:  # the loop must not die silently
             self.error = exc

@@ -1,4 +1,4 @@
-"""The `splitserve` command line: generate (offline), bench.
+"""The `splitserve` command line: serve, status, generate (offline), bench.
 
 Bad input ends with one line on stderr (`error: ...`) and exit status 2,
 never a traceback.
@@ -49,6 +49,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from router.serve import run_serve
+
+    return run_serve(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from router.serve import run_status
+
+    return run_status(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from bench.offline import run_offline_bench
 
@@ -69,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs on Ray pools")
+    from router.serve import add_serve_args
+
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="print the pools of a running server")
+    status.add_argument("--url", default="http://127.0.0.1:8000")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -1,0 +1,1 @@
+"""The decode worker: a Ray actor running continuous batching over received KV."""

@@ -1,0 +1,1 @@
+"""The prefill worker: a Ray actor that computes prompts' KV and streams it to decode."""

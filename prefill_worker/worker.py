@@ -1,0 +1,143 @@
+"""Prefill worker (Ray actor `prefill-<i>`): compute a prompt's KV, stream it, sample token 1.
+
+router ── prefill(id, prompt, params, ticket) ──> queued in the engine (prefill_only)
+each step: the batch's prompts (chunked when long) run layer by layer;
+           after layer l: its pages go to the decode worker (sender thread, overlaps l+1)
+last chunk: first token sampled ──> done(first token) to the decode worker, await its ack
+ack ──> own KV released; first token returned to the router (TTFT)
+abort(id) or a failed transfer ──> own KV released, router told
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import torch
+
+from engine.engine_config import EngineConfig
+from engine.engine_loop import EngineLoop, TokenDelta, stream
+from engine.errors import SplitServeError
+from engine.llm_engine import LLMEngine
+from engine.sampler import SampledToken
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk
+from kv_transfer.ticket import Ticket
+
+
+class PrefillAborted(SplitServeError):
+    """The request was aborted (or its transfer failed) before its first token was sent."""
+
+
+def set_threads(config: EngineConfig) -> None:
+    """Torch threads from the actor's CPU share, so workers do not fight over cores."""
+    n = config.num_threads or int(os.environ.get("SPLITSERVE_WORKER_THREADS", "0")) or 1
+    torch.set_num_threads(max(1, n))
+
+
+class PrefillWorker:
+    def __init__(
+        self, name: str, config: EngineConfig, kv_transport: str = "grpc", layerwise: bool = True
+    ):
+        set_threads(config)
+        self.name = name
+        self.engine = LLMEngine(config)
+        self.block_size = config.block_size
+        self.layerwise = layerwise
+        self.num_layers = self.engine.model_config.num_layers
+        self._tickets: dict[str, Ticket] = {}
+        self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
+        self.sender = self._make_sender(kv_transport)
+        self.loop = EngineLoop(self.engine, name=f"{name}-loop", layer_hook=self._on_layer)
+
+    def _make_sender(self, kv_transport: str):
+        if kv_transport == "collective":
+            from kv_transfer.collective_transport import CollectiveKVSender
+
+            return CollectiveKVSender(self.name)
+        from kv_transfer.grpc_transport import GrpcKVSender
+
+        return GrpcKVSender()
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "max_model_len": self.engine.max_model_len}
+
+    async def status(self) -> dict[str, Any]:
+        def read(e: LLMEngine) -> dict[str, Any]:
+            s = e.scheduler
+            return {
+                "running": len(s.running),
+                "waiting": len(s.waiting),
+                "held": len(s.held),
+                "kv_blocks_used": s.allocator.num_used,
+                "kv_blocks_total": s.allocator.num_blocks,
+            }
+
+        return await asyncio.wrap_future(self.loop.call(read))
+
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, ticket: Ticket
+    ) -> SampledToken:
+        self._tickets[request_id] = ticket
+        self._sent_upto[request_id] = 0
+        self.sender.begin(request_id, ticket.endpoint or ticket.decode_worker)
+        first: TokenDelta | None = None
+        try:
+            async for delta in stream(self.loop, request_id, prompt_token_ids, params):
+                first = delta
+            if first is None or not first.token_ids:
+                raise PrefillAborted(f"request {request_id} ended before its first token")
+            token = SampledToken(first.token_ids[0])
+            if first.logprobs:
+                token = first.logprobs[0]
+            if not self.layerwise:  # baseline: every page after the whole prefill
+                await asyncio.to_thread(self._send_all, request_id)
+            await asyncio.to_thread(
+                self.sender.finish, request_id, token.token_id, len(prompt_token_ids)
+            )
+            return token
+        finally:
+            self._tickets.pop(request_id, None)
+            self._sent_upto.pop(request_id, None)
+            self.loop.call(lambda e: e.release(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    def _on_layer(self, layer: int, chunks: list[ScheduledChunk]) -> None:
+        """After layer `layer` of a step: its pages for every chunk in the step go out."""
+        if not self.layerwise:
+            return
+        bs = self.block_size
+        for chunk in chunks:
+            rid = chunk.seq.seq_id
+            ticket = self._tickets.get(rid)
+            if ticket is None:
+                continue
+            first_block = self._sent_upto[rid] // bs
+            end_block = -(-(chunk.start + chunk.num_tokens) // bs)
+            src = chunk.seq.blocks.block_ids[first_block:end_block]
+            dst = ticket.block_ids[first_block:end_block]
+            self.sender.send_layer(rid, self.engine.runner.kv_cache, layer, src, dst)
+            if layer == self.num_layers - 1:
+                self._sent_upto[rid] = chunk.start + chunk.num_tokens
+
+    def _send_all(self, request_id: str) -> None:
+        ticket = self._tickets[request_id]
+        seq = self.engine.scheduler.held.get(request_id)
+        if seq is None:
+            return
+        n = len(ticket.block_ids)
+        for layer in range(self.num_layers):
+            self.sender.send_layer(
+                request_id,
+                self.engine.runner.kv_cache,
+                layer,
+                seq.blocks.block_ids[:n],
+                ticket.block_ids[:n],
+            )
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.sender.close()
