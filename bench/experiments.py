@@ -65,11 +65,15 @@ class ContinuousRuns:
 
 
 def continuous_vs_static(plan: BenchPlan, continuous: ContinuousRuns) -> dict:
-    cont = [continuous.get(w) for w in plan.workloads]
-    continuous.close()  # free its KV cache before the static engine allocates one
+    # Both engines stay loaded and the runs of a cap are back to back, so that drifting load
+    # from other work on the machine hits both sides of a ratio alike.
     static_llm = make_llm(plan.settings, "static", plan.batch_size)
-    static = [run_workload(static_llm, w, plan.progress) for w in plan.workloads]
+    cont, static = [], []
+    for w in plan.workloads:
+        cont.append(continuous.get(w))
+        static.append(run_workload(static_llm, w, plan.progress))
     del static_llm
+    gc.collect()
     rows = []
     for cap, w, c, s in zip(plan.caps, plan.workloads, cont, static, strict=True):
         ideal = ratio(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from bench.workloads import Workload, tokens_per_s
+from bench.workloads import Workload, random_prompts, tokens_per_s
 from engine import LLM, SamplingParams
 
 
@@ -35,6 +36,7 @@ class SplitserveRun:
     kv_waste: float  # share of allocated KV slots holding no token, over this run's steps
     mean_ttft_s: float
     mean_tpot_s: float
+    loadavg_1m: float  # at the end of the run: above ~0 means other work shared the CPU
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,9 +47,9 @@ class SplitserveRun:
 
 
 def make_llm(settings: EngineSettings, scheduling: str, max_num_seqs: int) -> LLM:
-    """A fresh engine; prefix caching off so reruns of the same prompts cost the same."""
+    """A fresh, warmed-up engine; prefix caching off so reruns of the same prompts cost the same."""
     gc.collect()  # drop the previous engine's KV cache before allocating this one
-    return LLM(
+    llm = LLM(
         model=settings.model,
         dtype=settings.dtype,
         scheduling=scheduling,
@@ -57,6 +59,15 @@ def make_llm(settings: EngineSettings, scheduling: str, max_num_seqs: int) -> LL
         num_threads=settings.threads,
         enable_prefix_caching=False,
     )
+    warm_up(llm, max_num_seqs)
+    return llm
+
+
+def warm_up(llm: LLM, max_num_seqs: int, prompt_len: int = 64, max_tokens: int = 8) -> None:
+    """One small untimed run: a process's first steps pay one-off kernel and allocator costs."""
+    vocab = llm.engine.model_config.vocab_size
+    prompts = random_prompts(min(max_num_seqs, 8), prompt_len, vocab, seed=-1)
+    llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
 
 def run_workload(llm: LLM, workload: Workload, progress: bool = True) -> SplitserveRun:
@@ -113,4 +124,5 @@ def run_workload(llm: LLM, workload: Workload, progress: bool = True) -> Splitse
         kv_waste=1.0 - filled / allocated if allocated else 0.0,
         mean_ttft_s=statistics.fmean(o.timings.ttft_s for o in outs),
         mean_tpot_s=statistics.fmean(tpots) if tpots else 0.0,
+        loadavg_1m=os.getloadavg()[0],
     )

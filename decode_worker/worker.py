@@ -48,10 +48,10 @@ class DecodeWorker:
         if kv_transport == "collective":
             from kv_transfer.collective_transport import CollectiveKVReceiver
 
-            return CollectiveKVReceiver(kv, self.table, self._on_ready)
+            return CollectiveKVReceiver(kv, self.table, self._on_ready, self._on_failed)
         from kv_transfer.grpc_transport import GrpcKVServer
 
-        server = GrpcKVServer(kv, self.table, self._on_ready)
+        server = GrpcKVServer(kv, self.table, self._on_ready, on_failed=self._on_failed)
         server.endpoint = server.start()
         return server
 
@@ -92,7 +92,7 @@ class DecodeWorker:
             request_id,
             tuple(blocks),
             self.engine.model_config.num_layers,
-            time.monotonic() + LEASE_S,
+            LEASE_S,
         )
         free = self.engine.scheduler.allocator.num_free
         return Ticket(request_id, self.name, tuple(blocks), self.endpoint, free)
@@ -102,6 +102,25 @@ class DecodeWorker:
         first = SampledToken(transfer.first_token_id)
         self.loop.land_remote(transfer.request_id, first)
         transfer.start_running()
+
+    def _on_failed(self, transfer: KVTransfer) -> None:
+        """A bad page or a missing layer: the request ends and its blocks are freed."""
+        self.loop.abort(transfer.request_id)
+
+    # ---- collective transport: the prefill side drives these (recv blocks: off the loop)
+    async def kv_join(self, group: str, backend: str) -> None:
+        await asyncio.to_thread(self._receiver.join, group, backend)
+
+    async def kv_recv_layer(self, group: str, header) -> None:
+        await asyncio.to_thread(self._receiver.recv_layer, group, header)
+
+    async def kv_done(self, request_id: str, first_token_id: int, num_prompt_tokens: int) -> str:
+        return await asyncio.to_thread(
+            self._receiver.done, request_id, first_token_id, num_prompt_tokens
+        )
+
+    async def kv_leave(self, group: str) -> None:
+        await asyncio.to_thread(self._receiver.leave, group)
 
     async def stream(self, request_id: str) -> AsyncIterator[list[TokenDelta]]:
         """Deltas of a reserved request, batched by what is ready at each wake-up."""
@@ -120,9 +139,7 @@ class DecodeWorker:
         self._free_transfer(request_id)
 
     def _free_transfer(self, request_id: str) -> None:
-        transfer = self.table.pop(request_id)
-        if transfer is not None:
-            transfer.free()
+        self.table.release(request_id)
 
     async def reap_expired(self) -> int:
         """Abort reservations whose lease ran out before their pages landed."""
@@ -156,9 +173,10 @@ class DecodeWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
-        stop = getattr(self._receiver, "stop", None)
-        if stop is not None:
-            stop()
+        if self.kv_transport == "collective":
+            self._receiver.leave_all()
+        else:
+            self._receiver.stop()
 
 
 def _engine_status(engine: LLMEngine) -> dict[str, Any]:

@@ -38,9 +38,13 @@ Sink = Callable[[TokenDelta], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine-loop", layer_hook=None):
+    def __init__(
+        self, engine: LLMEngine, name: str = "engine-loop", layer_hook=None,
+        prefill_only: bool = False,
+    ):
         self.engine = engine
         self.layer_hook = layer_hook  # see LLMEngine.step
+        self.prefill_only = prefill_only  # a prefill worker's loop: stop at the first token
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []
         self._sinks: dict[str, Sink] = {}
@@ -60,7 +64,7 @@ class EngineLoop:
         def add() -> None:
             self._sinks[request_id] = sink
             self._sent[request_id] = 0
-            self.engine.add_request(request_id, ids, params)
+            self.engine.add_request(request_id, ids, params, prefill_only=self.prefill_only)
 
         self._post(add)
 

@@ -49,7 +49,9 @@ class PrefillWorker:
         self._tickets: dict[str, Ticket] = {}
         self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
         self.sender = self._make_sender(kv_transport)
-        self.loop = EngineLoop(self.engine, name=f"{name}-loop", layer_hook=self._on_layer)
+        self.loop = EngineLoop(
+            self.engine, name=f"{name}-loop", layer_hook=self._on_layer, prefill_only=True
+        )
 
     def _make_sender(self, kv_transport: str):
         if kv_transport == "collective":

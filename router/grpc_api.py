@@ -1,0 +1,144 @@
+"""The gRPC API: `splitserve.v1.Generation/Generate`, plus grpc.health.v1 and server reflection.
+
+GenerateRequest ──validate──> INVALID_ARGUMENT / NOT_FOUND (details say what is wrong)
+    └──> stream_text(backend) ──> GenerateResponse per delta (text, token ids, logprobs)
+         last message: finish_reason + usage
+client cancels: the handler task is cancelled, which closes the stream: request aborted
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from router.backend import Backend, validate_prompt
+from router.detokenize import TextDelta, stream_text, token_text
+from router.metrics import RouterMetrics
+from router.protocol import api_error, check_model
+from splitserve_proto import generation_pb2 as pb
+from splitserve_proto import generation_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # splitserve.v1.Generation
+_ENDPOINT = "grpc:Generate"
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND}
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, backend: Backend, metrics: RouterMetrics):
+        self._backend, self._metrics = backend, metrics
+
+    async def Generate(  # noqa: N802 - the RPC's name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        tracker = self._metrics.track(_ENDPOINT)
+        try:
+            check_model(self._backend, request.model)
+            ids = self._prompt_ids(request)
+            validate_prompt(self._backend, ids)
+            params = _sampling_params(request.sampling)
+        except Exception as exc:  # bad input: a status code and a one-line reason
+            err = api_error(exc)
+            code = _CODES.get(err.status, grpc.StatusCode.INTERNAL)
+            tracker.finish(code.name)
+            await context.abort(code, err.message)  # raises
+            return
+        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        status, last = "CANCELLED", None
+        try:
+            deltas = stream_text(self._backend, rid, ids, params, tracker)
+            async with aclosing(deltas):
+                async for last in deltas:
+                    if last.finish_reason == "error":
+                        status = grpc.StatusCode.INTERNAL.name
+                        await context.abort(grpc.StatusCode.INTERNAL, "a worker failed")
+                    yield self._response(rid, last)
+            status = grpc.StatusCode.OK.name
+        finally:
+            n_in, n_out = (last.num_prompt_tokens, last.num_output_tokens) if last else (0, 0)
+            tracker.finish(status, n_in, n_out)
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        tok = self._backend.tokenizer
+        if kind == "text":
+            return tok.encode(request.text)
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise InvalidRequestError("chat has no messages")
+            return tok.encode_chat(messages)
+        raise InvalidRequestError("prompt is missing: set one of text, token_ids, chat")
+
+    def _response(self, rid: str, d: TextDelta) -> pb.GenerateResponse:
+        out = pb.GenerateResponse(
+            request_id=rid, text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason or ""
+        )
+        if d.finish_reason is not None:
+            out.usage.prompt_tokens = d.num_prompt_tokens
+            out.usage.completion_tokens = d.num_output_tokens
+        tok = self._backend.tokenizer
+        for lp in d.logprobs or []:
+            entry = out.logprobs.add(
+                token_id=lp.token_id, token=token_text(tok, lp.token_id), logprob=lp.logprob or 0.0
+            )
+            for token_id, logprob in lp.top_logprobs or []:
+                entry.top_logprobs.add(
+                    token_id=token_id, token=token_text(tok, token_id), logprob=logprob
+                )
+        return out
+
+
+def _sampling_params(s: pb.SamplingOptions) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else -1,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+    )
+
+
+class BackendHealth(health.aio.HealthServicer):
+    """grpc.health.v1: SERVING while the backend says it is healthy, checked on every Check."""
+
+    def __init__(self, backend: Backend):
+        super().__init__()
+        self._backend = backend
+
+    async def Check(  # noqa: N802 - the RPC's name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        ok = await self._backend.healthy()
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if ok else serving.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.set(service, status)
+        return await super().Check(request, context)
+
+
+def create_grpc_server(
+    backend: Backend, port: int, host: str = "0.0.0.0", metrics: RouterMetrics | None = None
+) -> grpc.aio.Server:
+    """A bound, not yet started server (`await server.start()`); call inside the serving loop."""
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(
+        GenerationServicer(backend, metrics or RouterMetrics()), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(BackendHealth(backend), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    server.add_insecure_port(f"{host}:{port}")
+    return server

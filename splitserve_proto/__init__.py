@@ -1,0 +1,1 @@
+"""Protocol buffers for splitserve and their generated Python modules."""
