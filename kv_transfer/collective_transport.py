@@ -104,8 +104,9 @@ class CollectiveKVReceiver:
     def done(self, request_id: str, first_token_id: int, num_prompt_tokens: int) -> str:
         """All pages sent: READY (on_ready called) or FAILED; returns the state's name."""
         transfer = self.table.on_done(request_id, first_token_id, num_prompt_tokens)
+        state = transfer.state  # the owner may move it on (RUNNING) in _announce
         self._announce(transfer)
-        return transfer.state.name
+        return state.name
 
     def _fail(self, request_id: str, reason: str) -> None:
         failed = self.table.fail(request_id, reason)

@@ -25,6 +25,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
 from kv_transfer.ticket import Ticket
 
+ACTOR_NAMESPACE = "splitserve"  # where the router creates the pools' named actors
+
 
 class PrefillAborted(SplitServeError):
     """The request was aborted (or its transfer failed) before its first token was sent."""
@@ -48,6 +50,7 @@ class PrefillWorker:
         self.num_layers = self.engine.model_config.num_layers
         self._tickets: dict[str, Ticket] = {}
         self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
+        self.kv_transport = kv_transport
         self.sender = self._make_sender(kv_transport)
         self.loop = EngineLoop(
             self.engine, name=f"{name}-loop", layer_hook=self._on_layer, prefill_only=True
@@ -61,6 +64,14 @@ class PrefillWorker:
         from kv_transfer.grpc_transport import GrpcKVSender
 
         return GrpcKVSender()
+
+    def _peer(self, ticket: Ticket):
+        """gRPC: the decode worker's KV server address; collective: its actor handle."""
+        if self.kv_transport == "grpc":
+            return ticket.endpoint
+        import ray
+
+        return ray.get_actor(ticket.decode_worker, namespace=ACTOR_NAMESPACE)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "max_model_len": self.engine.max_model_len}
@@ -83,7 +94,7 @@ class PrefillWorker:
     ) -> SampledToken:
         self._tickets[request_id] = ticket
         self._sent_upto[request_id] = 0
-        self.sender.begin(request_id, ticket.endpoint or ticket.decode_worker)
+        self.sender.begin(request_id, self._peer(ticket))
         first: TokenDelta | None = None
         try:
             async for delta in stream(self.loop, request_id, prompt_token_ids, params):

@@ -27,9 +27,8 @@ from engine.engine_loop import TokenDelta
 from engine.errors import SplitServeError
 from engine.loader import load_tokenizer, resolve_model
 from engine.sampling_params import SamplingParams
+from prefill_worker.worker import ACTOR_NAMESPACE as NAMESPACE
 from prefill_worker.worker import PrefillWorker
-
-NAMESPACE = "splitserve"
 
 
 class OverloadedError(SplitServeError):
