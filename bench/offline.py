@@ -141,6 +141,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         "config": _config_json(plan),
         "experiments": {},
     }
+    args.result_json.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     continuous = experiments.ContinuousRuns(plan)
     for name in names:
@@ -152,11 +153,10 @@ def run_offline_bench(args: argparse.Namespace) -> int:
             out = getattr(experiments, name)(plan, continuous)
         out["wall_s"] = time.perf_counter() - t0
         result["experiments"][name] = out
+        result["wall_s"] = time.perf_counter() - started
+        result["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
+        args.result_json.write_text(result_json_text(result))  # a later failure keeps these
     continuous.close()
-    result["wall_s"] = time.perf_counter() - started
-    result["machine"]["loadavg_1m_end"] = os.getloadavg()[0]
-    args.result_json.parent.mkdir(parents=True, exist_ok=True)
-    args.result_json.write_text(result_json_text(result))
     from bench.plots import plot_offline
 
     plot_offline(result, args.plot)

@@ -54,19 +54,27 @@ def test_pools_generate_like_offline_and_free_kv(ray_session, tiny, expected, mo
 
     from router.pools import PoolConfig, RayBackend
 
-    engine = EngineConfig(model=str(tiny), num_kv_blocks=256, block_size=4, num_threads=1,
-                          max_num_batched_tokens=16)
-    backend = RayBackend(PoolConfig(engine=engine, mode=mode, kv_transport=transport,
-                                    cpus_per_worker=0.5))
+    engine = EngineConfig(
+        model=str(tiny), num_kv_blocks=256, block_size=4, num_threads=1, max_num_batched_tokens=16
+    )
+    backend = RayBackend(
+        PoolConfig(engine=engine, mode=mode, kv_transport=transport, cpus_per_worker=0.5)
+    )
     try:
         want = ["decode-0", "prefill-0"] if mode == "disaggregated" else ["decode-0", "decode-1"]
         for name in want:  # named actors, found the way an operator would
             assert ray.get_actor(name, namespace="splitserve") is not None
 
         async def run_all():
-            return await asyncio.wait_for(asyncio.gather(*(
-                _collect(backend, f"{mode}-{transport}-{i}", p, PARAMS)
-                for i, p in enumerate(PROMPTS))), timeout=120)
+            return await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        _collect(backend, f"{mode}-{transport}-{i}", p, PARAMS)
+                        for i, p in enumerate(PROMPTS)
+                    )
+                ),
+                timeout=120,
+            )
 
         assert asyncio.run(run_all()) == expected
         _wait_free(backend)
