@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.splitserve-installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve generate test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 serve: setup
+	$(BIN)/splitserve serve --model smollm2-135m --prefill 1 --decode 1 --port 8000 --grpc-port 50051
+
+generate: setup
 	$(BIN)/splitserve generate --model smollm2-135m --chat --prompt "$(PROMPT)"
 
 test: setup

@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_offline_args(offline)
     offline.set_defaults(func=_bench)
+    from bench import serving
+
+    kv = bench_sub.add_parser("kv", help="KV-transfer bandwidth: gRPC vs raw socket")
+    serving.add_kv_args(kv)
+    kv.set_defaults(func=serving.run_kv)
+    ttft = bench_sub.add_parser("ttft", help="TTFT: disaggregated vs colocated, low load")
+    serving.add_ttft_args(ttft)
+    ttft.set_defaults(func=serving.run_ttft)
     return parser
 
 

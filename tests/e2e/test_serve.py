@@ -6,15 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
+from bench.server_process import ServerProcess
 from engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.e2e
@@ -22,79 +19,6 @@ pytestmark = pytest.mark.e2e
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Water boils at"]
 CHAT = [{"role": "user", "content": "Name three colors."}]
 MAX_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, mode: str, transport: str):
-        self.port, self.grpc_port = _free_port(), _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "router.cli",
-                "serve",
-                "--mode",
-                mode,
-                "--kv-transport",
-                transport,
-                "--port",
-                str(self.port),
-                "--grpc-port",
-                str(self.grpc_port),
-                "--max-num-seqs",
-                "64",
-                "--kv-cache-gb",
-                "0.5",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise TimeoutError("server did not become healthy in 240 s")
-
-    def status(self) -> dict:
-        with urllib.request.urlopen(self.base + "/status", timeout=10) as r:
-            return json.load(r)
-
-    def wait_no_kv_held(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            used = {w["name"]: w["kv_blocks_used"] for w in self.status()["workers"]}
-            if not any(used.values()):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"KV blocks still held: {used}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +35,11 @@ CONFIGS = [("disaggregated", "grpc"), ("disaggregated", "collective"), ("colocat
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}")
 def server(request):
-    srv = Server(*request.param)
-    yield srv
-    srv.stop()
+    mode, transport = request.param
+    with ServerProcess(
+        "--mode", mode, "--kv-transport", transport, "--max-num-seqs", "64", "--kv-cache-gb", "0.5"
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture
