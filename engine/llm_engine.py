@@ -88,6 +88,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 policy=SchedulingPolicy(config.scheduling),
+                max_model_len=self.max_model_len,
                 enable_prefix_caching=config.enable_prefix_caching,
                 chunked_prefill=config.chunked_prefill,
             )

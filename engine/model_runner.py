@@ -71,7 +71,7 @@ class ModelRunner:
                 prefills.append(
                     PrefillChunkMeta(len(ids), n, end, self._tensor(blocks[: -(-end // bs)]))
                 )
-            ids.extend(seq.token_ids[start:end])
+            ids.extend([seq.token_ids[-1]] if chunk.pad else seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             if chunk.samples:

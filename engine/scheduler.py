@@ -17,7 +17,9 @@ Policies:
   sequence needs a block and none is free, the youngest running sequence is
   preempted (recompute).
 - static: admit a batch of up to `max_num_seqs`, run it until every member has
-  finished, then admit the next batch. Kept only as the benchmark baseline.
+  finished, then admit the next batch. As in a real static batch, a finished
+  member keeps its lane: it holds its blocks and computes a pad token every
+  step until the batch ends. Kept only as the benchmark baseline.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     policy: SchedulingPolicy = SchedulingPolicy.CONTINUOUS
+    max_model_len: int = 1 << 30  # static pad lanes stop growing here
     enable_prefix_caching: bool = True
     # False: a prompt is admitted only when all of it fits this step's budget
     # (prompts longer than the whole budget are still chunked, alone).
@@ -58,11 +61,12 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # position of the first token computed this step
     num_tokens: int
+    pad: bool = False  # a finished static-batch member's lane: computed, never sampled
     # Whether this chunk reaches the end of the sequence, so a token is sampled.
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        self.samples = not self.pad and self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass(slots=True)
@@ -90,6 +94,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
         self.held: dict[str, Sequence] = {}  # prefill-only, finished, KV not yet released
+        self.padding: list[Sequence] = []  # static: finished members still in the batch
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     # ---- requests in and out -------------------------------------------------
@@ -111,8 +116,13 @@ class Scheduler:
         return seq
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        static = self.config.policy is SchedulingPolicy.STATIC
         if seq in self.running:
             self.running.remove(seq)
+            if static and reason in (FinishReason.STOP, FinishReason.LENGTH):
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+                self.padding.append(seq)  # keeps its lane until the batch ends
+                return self._end_static_batch_if_done()
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.awaiting_kv.pop(seq.seq_id, None)
@@ -122,6 +132,14 @@ class Scheduler:
             self.held[seq.seq_id] = seq
         else:
             self.kv.release(seq.blocks)
+        if static:
+            self._end_static_batch_if_done()
+
+    def _end_static_batch_if_done(self) -> None:
+        if not self.running:
+            for seq in self.padding:
+                self.kv.release(seq.blocks)
+            self.padding.clear()
 
     def release(self, seq: Sequence) -> None:
         """Free the KV a prefill-only sequence held for hand-off."""
@@ -155,7 +173,9 @@ class Scheduler:
             return out
         static = self.config.policy is SchedulingPolicy.STATIC
         if static and self.running:
+            self._schedule_padding(out)
             return out
+        self._end_static_batch_if_done()
         self._admit_waiting(out, budget, ignore_budget=static)
         if static:  # the whole batch is running now; give it its first chunks
             out.chunks.clear()
@@ -167,6 +187,8 @@ class Scheduler:
         for chunk in out.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if chunk.pad:
+                continue
             self.kv.publish_full_blocks(seq.blocks, seq.token_ids, seq.num_computed_tokens)
 
     def kv_slot_usage(self) -> tuple[int, int]:
@@ -189,6 +211,8 @@ class Scheduler:
                 kept.append(seq)
                 continue
             need = seq.num_computed_tokens + n
+            while not self.kv.can_grow(seq.blocks, need) and self.padding:
+                self.kv.release(self.padding.pop().blocks)  # pad lanes never starve live ones
             while not self.kv.can_grow(seq.blocks, need) and queue:
                 self._preempt(queue.pop(), out)
             if not self.kv.can_grow(seq.blocks, need):
@@ -200,6 +224,15 @@ class Scheduler:
             budget -= n
         self.running = kept
         return budget
+
+    def _schedule_padding(self, out: SchedulerOutput) -> None:
+        """One pad token per finished lane of the static batch (where blocks allow)."""
+        for seq in self.padding:
+            pos = seq.num_computed_tokens
+            if pos + 1 >= self.config.max_model_len or not self.kv.can_grow(seq.blocks, pos + 1):
+                continue
+            self.kv.grow(seq.blocks, pos + 1)
+            out.chunks.append(ScheduledChunk(seq, pos, 1, pad=True))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, ignore_budget: bool) -> None:
         cfg = self.config

@@ -95,7 +95,12 @@ def test_static_policy_admits_nothing_until_batch_finishes():
     run_step(s)  # a finishes at once, b keeps running
     for _ in range(3):
         out = run_step(s)
-        assert [c.seq.seq_id for c in out.chunks] == ["b"]  # c waits for the whole batch
+        # c waits for the whole batch; a keeps its lane, computing pad tokens
+        assert [(c.seq.seq_id, c.pad, c.samples) for c in out.chunks] == [
+            ("b", False, True),
+            ("a", True, False),
+        ]
+    assert s.allocator.num_used == 0  # the batch ended: pad lanes gave their blocks back
     out = run_step(s)
     assert [c.seq.seq_id for c in out.chunks] == ["c"]
 
@@ -208,7 +213,7 @@ def test_random_admit_finish_preempt_returns_every_block(ops, policy, caching):
 def _check_refcounts(s: Scheduler) -> None:
     """Every block's reference count equals the number of live sequences holding it."""
     holders: dict[int, int] = {}
-    for q in [*s.running, *s.waiting, *s.awaiting_kv.values()]:
+    for q in [*s.running, *s.waiting, *s.awaiting_kv.values(), *s.padding]:
         for b in q.blocks.block_ids:
             holders[b] = holders.get(b, 0) + 1
     for block in s.allocator.blocks:
