@@ -13,17 +13,25 @@ from engine import LLM, SamplingParams
 from engine.engine_config import EngineConfig
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-PROMPTS = [[5, 9, 14, 33, 70, 12, 8, 90, 41, 3, 77] * 3, [100, 101, 102, 7], [60] * 40]
+# The last one is a 2,000-token prompt: its KV crosses in many chunks and pages.
+PROMPTS = [
+    [5, 9, 14, 33, 70, 12, 8, 90, 41, 3, 77] * 3,
+    [100, 101, 102, 7],
+    [60] * 40,
+    [(i * 37) % 390 + 3 for i in range(2000)],
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=4)
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny"), seed=4, max_position_embeddings=4096
+    )
 
 
 @pytest.fixture(scope="module")
 def expected(tiny):
-    llm = LLM(model=str(tiny), num_kv_blocks=256, block_size=4, num_threads=1)
+    llm = LLM(model=str(tiny), num_kv_blocks=1200, block_size=4, num_threads=1)
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
@@ -55,7 +63,11 @@ def test_pools_generate_like_offline_and_free_kv(ray_session, tiny, expected, mo
     from router.pools import PoolConfig, RayBackend
 
     engine = EngineConfig(
-        model=str(tiny), num_kv_blocks=256, block_size=4, num_threads=1, max_num_batched_tokens=16
+        model=str(tiny),
+        num_kv_blocks=1200,
+        block_size=4,
+        num_threads=1,
+        max_num_batched_tokens=256,
     )
     backend = RayBackend(
         PoolConfig(engine=engine, mode=mode, kv_transport=transport, cpus_per_worker=0.5)
