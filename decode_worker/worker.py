@@ -67,7 +67,7 @@ class DecodeWorker:
         }
 
     async def status(self) -> dict[str, Any]:
-        return await asyncio.wrap_future(self.loop.call(_engine_status))
+        return await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
 
     # ---- disaggregated path ---------------------------------------------------------
     async def reserve(
@@ -177,19 +177,6 @@ class DecodeWorker:
             self._receiver.leave_all()
         else:
             self._receiver.stop()
-
-
-def _engine_status(engine: LLMEngine) -> dict[str, Any]:
-    s = engine.scheduler
-    return {
-        "running": len(s.running),
-        "waiting": len(s.waiting),
-        "awaiting_kv": len(s.awaiting_kv),
-        "kv_blocks_used": s.allocator.num_used,
-        "kv_blocks_total": s.allocator.num_blocks,
-        "preemptions": engine.stats.preemptions,
-        "steps": engine.stats.steps,
-    }
 
 
 async def _drain(queue: asyncio.Queue[TokenDelta]) -> AsyncIterator[list[TokenDelta]]:

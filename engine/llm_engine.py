@@ -191,6 +191,20 @@ class LLMEngine:
         req.output.timings.finished_s = time.perf_counter()
         return req.output
 
+    def snapshot(self) -> dict[str, int]:
+        """Queue depths and KV use, for /status (call between steps)."""
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "awaiting_kv": len(s.awaiting_kv),
+            "held": len(s.held),
+            "kv_blocks_used": s.allocator.num_used,
+            "kv_blocks_total": s.allocator.num_blocks,
+            "preemptions": self.stats.preemptions,
+            "steps": self.stats.steps,
+        }
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 

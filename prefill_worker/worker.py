@@ -77,17 +77,7 @@ class PrefillWorker:
         return {"name": self.name, "max_model_len": self.engine.max_model_len}
 
     async def status(self) -> dict[str, Any]:
-        def read(e: LLMEngine) -> dict[str, Any]:
-            s = e.scheduler
-            return {
-                "running": len(s.running),
-                "waiting": len(s.waiting),
-                "held": len(s.held),
-                "kv_blocks_used": s.allocator.num_used,
-                "kv_blocks_total": s.allocator.num_blocks,
-            }
-
-        return await asyncio.wrap_future(self.loop.call(read))
+        return await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
 
     async def prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, ticket: Ticket

@@ -9,10 +9,12 @@ one engine in-process (tests of the front ends, and the simplest deployment).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from engine.engine_loop import EngineLoop, TokenDelta, stream
+from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -64,16 +66,8 @@ class LocalBackend:
         return stream(self.loop, request_id, prompt_token_ids, params)
 
     async def status(self) -> dict[str, Any]:
-        eng = self.loop.engine
-        alloc = eng.scheduler.allocator
-        worker = {
-            "name": "local-0",
-            "role": "colocated",
-            "running": len(eng.scheduler.running),
-            "waiting": len(eng.scheduler.waiting),
-            "kv_blocks_used": alloc.num_used,
-            "kv_blocks_total": alloc.num_blocks,
-        }
+        snapshot = await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
+        worker = {"name": "local-0", "role": "colocated", **snapshot}
         return {"model": self.model_name, "mode": "local", "workers": [worker]}
 
     async def healthy(self) -> bool:
