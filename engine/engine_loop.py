@@ -39,7 +39,10 @@ Sink = Callable[[TokenDelta], None]
 
 class EngineLoop:
     def __init__(
-        self, engine: LLMEngine, name: str = "engine-loop", layer_hook=None,
+        self,
+        engine: LLMEngine,
+        name: str = "engine-loop",
+        layer_hook=None,
         prefill_only: bool = False,
     ):
         self.engine = engine

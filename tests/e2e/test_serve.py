@@ -193,3 +193,24 @@ def test_bad_input_is_rejected_and_server_keeps_serving(server, client):
             assert err.value.code() == code
     r = client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=4)
     assert r.choices[0].text
+
+
+def test_status_cli_prints_the_pools(server):
+    r = subprocess.run(
+        [sys.executable, "-m", "router.cli", "status", "--url", server.base, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    workers = json.loads(r.stdout)["workers"]
+    assert {w["role"] for w in workers} <= {"prefill", "decode", "colocated"}
+    assert all(w["kv_blocks_total"] > 0 for w in workers)
+    r = subprocess.run(
+        [sys.executable, "-m", "router.cli", "status", "--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot reach splitserve")
+    assert len(r.stderr.strip().splitlines()) == 1
