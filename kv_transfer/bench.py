@@ -5,16 +5,19 @@
     (b) socket.sendall ──> socket.recv_into: the same bytes, straight into the
         destination tensor's memory (the floor any transport pays on loopback)
 
-Both run in one process (sender and receiver on threads), over 127.0.0.1.
+The receiver runs in its own process, as a decode worker does, so sender and
+receiver do not share a GIL; time runs from the first byte to the receiver's ack.
 Run: python -m kv_transfer.bench [total_MiB]
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import socket
 import sys
 import threading
 import time
+import zlib
 
 import torch
 
@@ -26,69 +29,97 @@ from kv_transfer.state import TransferTable
 _BLOCKS, _BLOCK_SIZE, _KV_HEADS, _HEAD_DIM = 64, 16, 8, 128
 
 
-def _caches(total_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _shape(total_bytes: int) -> tuple[int, ...]:
     layer_bytes = 2 * _BLOCKS * _BLOCK_SIZE * _KV_HEADS * _HEAD_DIM * 4
-    layers = max(1, total_bytes // layer_bytes)
-    shape = (layers, 2, _BLOCKS, _BLOCK_SIZE, _KV_HEADS, _HEAD_DIM)
-    return torch.randn(shape), torch.zeros(shape)
+    return (max(1, total_bytes // layer_bytes), 2, _BLOCKS, _BLOCK_SIZE, _KV_HEADS, _HEAD_DIM)
 
 
-def _grpc_seconds(src: torch.Tensor, dst: torch.Tensor, max_chunk_bytes: int) -> float:
-    table, landed = TransferTable(), threading.Event()
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(memoryview(t.view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
+
+
+def _grpc_receiver(shape, conn) -> None:
+    torch.set_num_threads(1)
+    dst, table, landed = torch.zeros(shape), TransferTable(), threading.Event()
     server = GrpcKVServer(dst, table, lambda _t: landed.set())
-    endpoint = server.start()
+    conn.send(server.start())
+    while (request_id := conn.recv()) is not None:  # one reservation per round
+        table.reserve(request_id, list(range(shape[2])), shape[0], lease_s=600)
+        conn.send("reserved")
+        if conn.recv() == "check":
+            landed.wait(600)
+            conn.send(_crc(dst))
+        table.release(request_id)
+    server.stop()
+
+
+def _grpc_seconds(src: torch.Tensor, max_chunk_bytes: int) -> float:
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=_grpc_receiver, args=(src.shape, child))
+    proc.start()
+    endpoint = parent.recv()
     sender = GrpcKVSender(max_chunk_bytes)
     blocks = list(range(src.shape[2]))
     try:
         for i, timed in enumerate((False, True)):  # first round warms up the channel
             request_id = f"bench-{i}"
-            table.reserve(request_id, blocks, src.shape[0], lease_s=600)
-            layers = range(src.shape[0]) if timed else range(1)
+            parent.send(request_id)
+            parent.recv()
             start = time.perf_counter()
             sender.begin(request_id, endpoint)
-            for layer in layers:
+            for layer in range(src.shape[0]) if timed else range(1):
                 sender.send_layer(request_id, src, layer, blocks, blocks)
             if timed:
-                sender.finish(request_id, 0, 1, timeout_s=600)
+                sender.finish(request_id, 0, 1, timeout_s=600)  # returns on the ack
+                elapsed = time.perf_counter() - start
+                parent.send("check")
+                if parent.recv() != _crc(src):
+                    raise RuntimeError("gRPC bench: pages did not land intact")
             else:
                 sender.abort(request_id)
-            elapsed = time.perf_counter() - start
-            table.release(request_id)
-        if not (landed.is_set() and torch.equal(src, dst)):
-            raise RuntimeError("gRPC bench: pages did not land intact")
+                parent.send("skip")
         return elapsed
     finally:
+        parent.send(None)
         sender.close()
-        server.stop()
+        proc.join(30)
 
 
-def _socket_seconds(src: torch.Tensor, dst: torch.Tensor, chunk_bytes: int) -> float:
-    out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+def _socket_receiver(shape, port_conn, chunk_bytes: int) -> None:
+    dst = torch.zeros(shape)
     into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
     listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+    port_conn.send(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    with conn:
+        got = 0
+        while got < into.nbytes:
+            n = conn.recv_into(into[got:], min(chunk_bytes, into.nbytes - got))
+            if n == 0:
+                raise RuntimeError("socket bench: peer closed early")
+            got += n
+        conn.sendall(b"k")  # the ack
+    port_conn.send(_crc(dst))
+    listener.close()
 
-    def receive() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            got = 0
-            while got < into.nbytes:
-                n = conn.recv_into(into[got:], min(chunk_bytes, into.nbytes - got))
-                if n == 0:
-                    raise RuntimeError("socket bench: peer closed early")
-                got += n
 
-    receiver = threading.Thread(target=receive, name="bench-recv")
-    receiver.start()
+def _socket_seconds(src: torch.Tensor, chunk_bytes: int) -> float:
+    out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(
+        target=_socket_receiver, args=(src.shape, child, chunk_bytes)
+    )
+    proc.start()
+    port = parent.recv()
     start = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as conn:
         for offset in range(0, out.nbytes, chunk_bytes):
             conn.sendall(out[offset : offset + chunk_bytes])
-        receiver.join(timeout=600)
+        conn.recv(1)
     elapsed = time.perf_counter() - start
-    listener.close()
-    if not torch.equal(src, dst):
+    if parent.recv() != _crc(src):
         raise RuntimeError("socket bench: bytes did not land intact")
+    proc.join(30)
     return elapsed
 
 
@@ -101,11 +132,10 @@ def measure_grpc_bandwidth(
         1
     )  # as in a worker actor (set_threads); 2 OpenMP threads copy at 0.5 GB/s here
     try:
-        src, dst = _caches(total_bytes)
+        src = torch.randn(_shape(total_bytes))
         nbytes = src.numel() * src.element_size()
-        grpc_s = _grpc_seconds(src, dst, max_chunk_bytes)
-        dst.zero_()
-        socket_s = _socket_seconds(src, dst, max_chunk_bytes)
+        grpc_s = _grpc_seconds(src, max_chunk_bytes)
+        socket_s = _socket_seconds(src, max_chunk_bytes)
     finally:
         torch.set_num_threads(threads)
     grpc_gbps, socket_gbps = nbytes / grpc_s / 1e9, nbytes / socket_s / 1e9
