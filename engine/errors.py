@@ -6,6 +6,8 @@ Every error carries a one-line message that names the problem; the CLI prints
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class SplitServeError(Exception):
     """Base of every error splitserve raises on purpose."""
@@ -25,3 +27,17 @@ class InvalidRequestError(SplitServeError):
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus at least one generated token) exceeds the context."""
+
+
+def check_prompt(prompt_token_ids: Sequence[int], max_model_len: int, vocab_size: int) -> None:
+    """The one prompt check: the engine runs it, and so does the router before any worker."""
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt is empty")
+    if len(prompt_token_ids) + 1 > max_model_len:
+        raise PromptTooLongError(
+            f"prompt has {len(prompt_token_ids)} tokens; the context holds "
+            f"{max_model_len} (prompt + at least 1 generated token)"
+        )
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")

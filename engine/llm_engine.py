@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.engine_config import EngineConfig
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError, check_prompt
 from engine.loader import load_config, load_state_dict, load_tokenizer, resolve_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimings
@@ -111,17 +111,7 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(prompt_token_ids) + 1 > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt_token_ids)} tokens; the context holds "
-                f"{self.max_model_len} (prompt + at least 1 generated token)"
-            )
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(
         self,

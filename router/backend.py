@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from engine.engine_loop import EngineLoop, TokenDelta, stream
+from engine.errors import check_prompt
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -36,18 +37,7 @@ class Backend(Protocol):
 
 def validate_prompt(backend: Backend, prompt_token_ids: Sequence[int]) -> None:
     """Raise InvalidRequestError / PromptTooLongError before any worker sees the request."""
-    from engine.errors import InvalidRequestError, PromptTooLongError
-
-    if not prompt_token_ids:
-        raise InvalidRequestError("prompt is empty")
-    if len(prompt_token_ids) + 1 > backend.max_model_len:
-        raise PromptTooLongError(
-            f"prompt has {len(prompt_token_ids)} tokens; the context holds "
-            f"{backend.max_model_len} (prompt + at least 1 generated token)"
-        )
-    bad = next((t for t in prompt_token_ids if not 0 <= t < backend.vocab_size), None)
-    if bad is not None:
-        raise InvalidRequestError(f"token id {bad} is outside the vocabulary")
+    check_prompt(prompt_token_ids, backend.max_model_len, backend.vocab_size)
 
 
 class LocalBackend:

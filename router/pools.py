@@ -117,12 +117,10 @@ class RayBackend:
         worker.in_flight += 1
         finished = False
         try:
-            async for ref in worker.actor.generate.options(num_returns="streaming").remote(
-                rid, ids, params
-            ):
-                for delta in await ref:
-                    finished = delta.finish_reason is not None
-                    yield delta
+            stream = worker.actor.generate.options(num_returns="streaming").remote(rid, ids, params)
+            async for delta in _relay(stream):
+                finished = delta.finish_reason is not None
+                yield delta
         finally:
             worker.in_flight -= 1
             if not finished:
@@ -148,10 +146,9 @@ class RayBackend:
                 len(ids),
                 1,
             )
-            async for ref in stream:
-                for delta in await ref:
-                    finished = delta.finish_reason is not None
-                    yield delta
+            async for delta in _relay(stream):
+                finished = delta.finish_reason is not None
+                yield delta
         finally:
             decode.in_flight -= 1
             if not finished:
@@ -211,6 +208,13 @@ class RayBackend:
             with contextlib.suppress(Exception):  # best effort; the kill below is what counts
                 ray.get(m.actor.shutdown.remote(), timeout=10)
             ray.kill(m.actor)
+
+
+async def _relay(stream) -> AsyncIterator[TokenDelta]:
+    """Flatten a worker's streamed batches of deltas."""
+    async for ref in stream:
+        for delta in await ref:
+            yield delta
 
 
 def _with_threads(config: EngineConfig, threads: int) -> EngineConfig:
