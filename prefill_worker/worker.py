@@ -23,6 +23,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
+from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
 
 ACTOR_NAMESPACE = "splitserve"  # where the router creates the pools' named actors
@@ -118,11 +119,16 @@ class PrefillWorker:
             ticket = self._tickets.get(rid)
             if ticket is None:
                 continue
-            first_block = self._sent_upto[rid] // bs
+            first_block = self._sent_upto.get(rid, 0) // bs
             end_block = -(-(chunk.start + chunk.num_tokens) // bs)
             src = chunk.seq.blocks.block_ids[first_block:end_block]
             dst = ticket.block_ids[first_block:end_block]
-            self.sender.send_layer(rid, self.engine.runner.kv_cache, layer, src, dst)
+            try:
+                self.sender.send_layer(rid, self.engine.runner.kv_cache, layer, src, dst)
+            except KVTransferError:  # this request's peer failed: end it, not the worker
+                self._tickets.pop(rid, None)
+                self.loop.abort(rid)
+                continue
             if layer == self.num_layers - 1:
                 self._sent_upto[rid] = chunk.start + chunk.num_tokens
 
