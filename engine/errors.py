@@ -21,6 +21,10 @@ class UnsupportedModelError(SplitServeError):
     """A checkpoint we cannot load: unknown architecture or quantization type."""
 
 
+class OverloadedError(SplitServeError):
+    """No capacity for the request right now (e.g. no decode worker has free KV blocks)."""
+
+
 class InvalidRequestError(SplitServeError):
     """A request whose parameters or prompt are not acceptable."""
 

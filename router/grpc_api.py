@@ -27,7 +27,11 @@ from splitserve_proto import generation_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # splitserve.v1.Generation
 _ENDPOINT = "grpc:Generate"
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND}
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):

@@ -24,15 +24,11 @@ import ray
 from decode_worker.worker import DecodeWorker
 from engine.engine_config import EngineConfig
 from engine.engine_loop import TokenDelta
-from engine.errors import SplitServeError
+from engine.errors import OverloadedError
 from engine.loader import load_tokenizer, resolve_model
 from engine.sampling_params import SamplingParams
 from prefill_worker.worker import ACTOR_NAMESPACE as NAMESPACE
 from prefill_worker.worker import PrefillWorker
-
-
-class OverloadedError(SplitServeError):
-    """No decode worker has room for the request's KV right now."""
 
 
 @dataclass(frozen=True, slots=True)

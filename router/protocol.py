@@ -14,7 +14,12 @@ from pathlib import Path
 import msgspec
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from engine.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    PromptTooLongError,
+)
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -223,6 +228,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=first if first in _PARAM_NAMES else None)
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, OverloadedError):
+        return APIError(503, str(exc), type="server_error", code="overloaded")
     if isinstance(exc, StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind)
