@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     ttft = bench_sub.add_parser("ttft", help="TTFT: disaggregated vs colocated, low load")
     serving.add_ttft_args(ttft)
     ttft.set_defaults(func=serving.run_ttft)
+    from bench import serve_bench
+
+    serve = bench_sub.add_parser("serve", help="load-test a running server (vllm bench serve)")
+    serve_bench.add_args(serve)
+    serve.set_defaults(func=serve_bench.run)
     return parser
 
 

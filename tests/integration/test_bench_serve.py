@@ -1,0 +1,187 @@
+"""`splitserve bench serve` against the real HTTP + gRPC servers (LocalBackend, tiny model).
+
+The server runs `serve_all` on its own thread and event loop for the module, as in
+test_openai_api.py / test_grpc_api.py; the bench's core function drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import threading
+
+import pytest
+from tiny_model import make_tiny_checkpoint
+
+from bench import serve_bench, serve_metrics
+from engine.engine_config import EngineConfig
+from engine.engine_loop import EngineLoop
+from engine.errors import InvalidRequestError
+from engine.llm_engine import LLMEngine
+from router.backend import LocalBackend
+from router.servers import serve_all
+
+MODEL = "tiny-llama"
+TIMEOUT_S = 30
+N, MAX_TOKENS = 8, 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    engine = LLMEngine(
+        EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, num_threads=1)
+    )
+    backend = LocalBackend(EngineLoop(engine), MODEL)
+    ports = {"http": free_port(), "grpc": free_port(), "vocab": backend.vocab_size}
+    loop, started, events = asyncio.new_event_loop(), threading.Event(), {}
+
+    async def main() -> None:
+        events["stop"], ready = asyncio.Event(), asyncio.Event()
+        serving = asyncio.create_task(
+            serve_all(
+                backend, "127.0.0.1", ports["http"], ports["grpc"], ready=ready, stop=events["stop"]
+            )
+        )
+        await asyncio.wait(
+            {serving, asyncio.create_task(ready.wait())}, return_when="FIRST_COMPLETED"
+        )
+        started.set()
+        await serving
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),))
+    thread.start()
+    assert started.wait(TIMEOUT_S) and thread.is_alive(), "server did not start"
+    yield ports
+    loop.call_soon_threadsafe(events["stop"].set)
+    thread.join(TIMEOUT_S)
+    assert not thread.is_alive(), "server did not stop"
+    backend.shutdown()
+
+
+def _args(server: dict, **kw):
+    base = {
+        "base_url": f"http://127.0.0.1:{server['http']}",
+        "grpc_target": f"127.0.0.1:{server['grpc']}",
+        "model": MODEL,
+        "num_prompts": N,
+        "random_input_len": 12,
+        "random_output_len": MAX_TOKENS,
+        "vocab_size": server["vocab"],
+        "ignore_eos": True,
+        "no_progress": True,
+        "timeout": TIMEOUT_S,
+    }
+    return serve_bench.default_args(**{**base, **kw})
+
+
+def _check_consistent(result: dict, n: int = N, max_tokens: int = MAX_TOKENS) -> None:
+    s, reqs = result["summary"], result["requests"]
+    assert len(reqs) == n
+    assert all(r["success"] for r in reqs), [r["error"] for r in reqs]
+    assert s["completed"] == n and s["failed"] == 0 and s["errors"] == []
+    assert all(r["output_tokens"] == max_tokens for r in reqs)
+    assert s["total_output_tokens"] == n * max_tokens
+    assert all(0 <= r["start"] <= r["first_token_time"] <= r["end"] for r in reqs)
+    assert all(r["token_times"] == sorted(r["token_times"]) for r in reqs)
+    assert s["duration_s"] >= max(r["end"] for r in reqs)
+    assert s["request_throughput"] == pytest.approx(n / s["duration_s"])
+    assert s["output_throughput"] == pytest.approx(n * max_tokens / s["duration_s"])
+    # The summary is the metrics module applied to the written per-request records.
+    again = serve_metrics.summarize(reqs, s["duration_s"], s.get("slos_ms"))
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(s))
+    ttfts = sorted((r["first_token_time"] - r["start"]) * 1000 for r in reqs)
+    assert s["ttft_ms"]["mean"] == pytest.approx(sum(ttfts) / n)
+    assert min(ttfts) <= s["ttft_ms"]["median"] <= s["ttft_ms"]["p99"] <= max(ttfts)
+    e2es = [(r["end"] - r["start"]) * 1000 for r in reqs]
+    assert s["e2e_ms"]["mean"] == pytest.approx(sum(e2es) / n)
+    assert s["tpot_ms"]["mean"] == pytest.approx(
+        sum((r["end"] - r["first_token_time"]) * 1000 / (max_tokens - 1) for r in reqs) / n
+    )
+    gaps = [b - a for r in reqs for a, b in itertools.pairwise(r["token_times"])]
+    assert s["itl_ms"]["mean"] == pytest.approx(sum(gaps) * 1000 / len(gaps))
+
+
+def test_http_completions_with_token_ids(server, tmp_path):
+    args = _args(
+        server,
+        request_rate=50.0,
+        max_concurrency=4,
+        goodput=["ttft:60000", "tpot:60000"],
+        result_json=tmp_path / "r.json",
+        plot=tmp_path / "cdf.png",
+    )
+    assert serve_bench.run(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    _check_consistent(result)
+    assert all(r["prompt_tokens"] == 12 for r in result["requests"])  # exact prompt lengths
+    assert result["summary"]["slo_attainment"] == 1.0
+    assert result["summary"]["goodput"] == pytest.approx(N / result["summary"]["duration_s"])
+    assert (tmp_path / "cdf.png").stat().st_size > 0
+
+
+def test_http_chat_synthetic(server):
+    args = _args(
+        server,
+        endpoint="chat",
+        dataset="synthetic-chat",
+        mean_input_len=10,
+        mean_output_len=4,
+        sigma=0.0,  # every output length is exactly 4
+        goodput=["ttft:0.001"],  # nobody meets a 1 us TTFT
+    )
+    result = serve_bench.benchmark(args)
+    _check_consistent(result, max_tokens=4)
+    assert result["summary"]["slo_attainment"] == 0.0 and result["summary"]["goodput"] == 0.0
+
+
+def test_grpc(server):
+    result = serve_bench.benchmark(_args(server, backend="grpc"))
+    _check_consistent(result)
+    assert all(r["prompt_tokens"] == 12 for r in result["requests"])
+
+
+def test_failed_requests_are_recorded(server):
+    result = serve_bench.benchmark(_args(server, model="no-such-model", num_prompts=3))
+    s = result["summary"]
+    assert s["completed"] == 0 and s["failed"] == 3
+    assert len(s["errors"]) == 1 and "does not exist" in s["errors"][0]
+    assert s["ttft_ms"]["mean"] is None
+
+
+def test_unreachable_server():
+    args = serve_bench.default_args(base_url=f"http://127.0.0.1:{free_port()}", no_progress=True)
+    with pytest.raises(InvalidRequestError, match="cannot reach"):
+        serve_bench.benchmark(args)
+    args = serve_bench.default_args(
+        backend="grpc", grpc_target=f"127.0.0.1:{free_port()}", no_progress=True
+    )
+    serve_bench.HEALTH_TIMEOUT_S, saved = 0.5, serve_bench.HEALTH_TIMEOUT_S
+    try:
+        with pytest.raises(InvalidRequestError, match="cannot reach"):
+            serve_bench.benchmark(args)
+    finally:
+        serve_bench.HEALTH_TIMEOUT_S = saved
+
+
+def test_some_requests_fail(server, tmp_path):
+    """A server that rejects some requests: they are counted, the rest are measured."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "hello there", "output_len": 3}, {"prompt": "x " * 2000, "output_len": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = serve_bench.benchmark(
+        _args(server, dataset="jsonl", dataset_path=path, num_prompts=4, goodput=["ttft:60000"])
+    )
+    s = result["summary"]
+    assert (s["completed"], s["failed"]) == (2, 2)
+    assert len(s["errors"]) == 1 and "HTTP 400" in s["errors"][0]
+    assert s["slo_attainment"] == 0.5  # failed requests miss the SLO
+    assert s["total_output_tokens"] == 6
