@@ -33,6 +33,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy engine router prefill_worker decode_worker kv_transfer bench
 
 bench: setup
 	$(BIN)/splitserve bench offline

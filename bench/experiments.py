@@ -93,7 +93,7 @@ def continuous_vs_static(plan: BenchPlan, continuous: ContinuousRuns) -> dict:
                 "ideal_ratio_flat_step_cost": ideal,
             }
         )
-    top = rows[-1]["ratio"]
+    top = float(rows[-1]["ratio"])  # type: ignore[arg-type]
     return {
         "max_num_seqs": plan.batch_size,
         "runs": rows,

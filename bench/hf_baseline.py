@@ -79,7 +79,7 @@ def load_hf_model(model: str, dtype: str):
     torch_dtype = DTYPES[dtype]
     hf_config = hf_llama_config(cfg, torch_dtype)
     hf_config._attn_implementation = "sdpa"
-    hf = LlamaForCausalLM(hf_config).to(torch_dtype)
+    hf = LlamaForCausalLM(hf_config).to(torch_dtype)  # type: ignore[arg-type]
     missing, unexpected = hf.load_state_dict(load_state_dict(path, cfg, torch_dtype), strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"HF model weights do not match: {missing=} {unexpected=}")

@@ -65,7 +65,7 @@ def stats_ms(values_s: Iterable[float]) -> dict[str, float | None]:
     keys = ["mean", "median", *(f"p{p}" for p in PERCENTILES)]
     if arr.size == 0:
         return dict.fromkeys(keys)
-    out = {"mean": float(arr.mean()), "median": float(np.median(arr))}
+    out: dict[str, float | None] = {"mean": float(arr.mean()), "median": float(np.median(arr))}
     for p in PERCENTILES:
         out[f"p{p}"] = float(np.percentile(arr, p))
     return out

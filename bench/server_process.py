@@ -43,7 +43,8 @@ class ServerProcess:
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.proc.stdout.read()}")
+                output = self.proc.stdout.read() if self.proc.stdout else ""
+                raise RuntimeError(f"server exited:\n{output}")
             try:
                 with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
                     if r.status == 200:

@@ -99,7 +99,7 @@ def run_workload(llm: LLM, workload: Workload, progress: bool = True) -> Splitse
             arrival_s=t0,
         )
         ids.append(rid)
-    finished = {}
+    finished: dict = {}
     while engine.has_unfinished():
         outs = engine.step()
         bar.update(len(outs))

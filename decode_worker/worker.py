@@ -99,6 +99,7 @@ class DecodeWorker:
 
     def _on_ready(self, transfer: KVTransfer) -> None:
         """Called by the KV receiver when every page and the first token are in."""
+        assert transfer.first_token_id is not None  # READY carries it
         first = SampledToken(transfer.first_token_id)
         self.loop.land_remote(transfer.request_id, first)
         transfer.start_running()

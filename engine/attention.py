@@ -113,6 +113,7 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         decode = paged_decode_attention
         if meta.use_triton:
             from engine.triton_attention import paged_decode_attention_triton as decode

@@ -34,7 +34,7 @@ class TokenDelta:
     num_output_tokens: int = 0  # so far, including these
 
 
-Sink = Callable[[TokenDelta], None]
+Sink = Callable[[TokenDelta], object]
 
 
 class EngineLoop:

@@ -40,11 +40,13 @@ class LLM:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        batch: list = (
+            [prompts]
+            if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+            else list(prompts)
+        )
         encoded = [
-            (p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p))
-            for p in prompts
+            (p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in batch
         ]
         return self._run(encoded, params, use_tqdm)
 
@@ -54,10 +56,13 @@ class LLM:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
+        batch: list = (
+            [conversations]
+            if conversations and isinstance(conversations[0], dict)
+            else list(conversations)
+        )
         encoded = []
-        for messages in conversations:
+        for messages in batch:
             text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
             encoded.append((text, self.tokenizer.encode_chat(list(messages))))
         return self._run(encoded, params, use_tqdm)

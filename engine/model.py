@@ -57,6 +57,8 @@ class RotaryEmbedding(nn.Module):
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 

@@ -110,10 +110,10 @@ class Scheduler:
             if seq.seq_id == seq_id:
                 self.finish(seq, FinishReason.ABORT)
                 return seq
-        seq = self.held.get(seq_id)
-        if seq is not None:
-            self.release(seq)
-        return seq
+        held = self.held.get(seq_id)
+        if held is not None:
+            self.release(held)
+        return held
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         static = self.config.policy is SchedulingPolicy.STATIC

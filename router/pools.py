@@ -91,10 +91,10 @@ class RayBackend:
             prefill_cls = ray.remote(PrefillWorker)
             for i in range(cfg.num_prefill):
                 name = f"prefill-{i}"
-                actor = prefill_cls.options(name=name, **options).remote(
+                prefill_actor = prefill_cls.options(name=name, **options).remote(
                     name, engine, cfg.kv_transport, cfg.layerwise
                 )
-                self.prefill.append(_Member(name, actor))
+                self.prefill.append(_Member(name, prefill_actor))
         info = ray.get([m.actor.info.remote() for m in self.decode + self.prefill], timeout=600)
         self.max_model_len = min(i["max_model_len"] for i in info)
         self.vocab_size = info[0]["vocab_size"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -44,7 +45,7 @@ def _init_ray(address: str | None) -> str:
     import ray
 
     if address:
-        ray.init(address=address, namespace="splitserve", logging_level="WARNING")
+        ray.init(address=address, namespace="splitserve", logging_level=logging.WARNING)
         return "(the cluster's own dashboard)"
     ray.init(
         num_cpus=os.cpu_count(),
@@ -52,7 +53,7 @@ def _init_ray(address: str | None) -> str:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=DASHBOARD_PORT,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
     )
     return f"http://127.0.0.1:{DASHBOARD_PORT}"
 
