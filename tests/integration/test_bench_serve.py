@@ -6,65 +6,27 @@ test_openai_api.py / test_grpc_api.py; the bench's core function drives it.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-import socket
-import threading
 
 import pytest
+from local_server import ServerThread
 from tiny_model import make_tiny_checkpoint
 
 from bench import serve_bench, serve_metrics
-from engine.engine_config import EngineConfig
-from engine.engine_loop import EngineLoop
+from bench.server_process import free_port
 from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
-from router.backend import LocalBackend
-from router.servers import serve_all
 
 MODEL = "tiny-llama"
 TIMEOUT_S = 30
 N, MAX_TOKENS = 8, 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    engine = LLMEngine(
-        EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, num_threads=1)
-    )
-    backend = LocalBackend(EngineLoop(engine), MODEL)
-    ports = {"http": free_port(), "grpc": free_port(), "vocab": backend.vocab_size}
-    loop, started, events = asyncio.new_event_loop(), threading.Event(), {}
-
-    async def main() -> None:
-        events["stop"], ready = asyncio.Event(), asyncio.Event()
-        serving = asyncio.create_task(
-            serve_all(
-                backend, "127.0.0.1", ports["http"], ports["grpc"], ready=ready, stop=events["stop"]
-            )
-        )
-        await asyncio.wait(
-            {serving, asyncio.create_task(ready.wait())}, return_when="FIRST_COMPLETED"
-        )
-        started.set()
-        await serving
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),))
-    thread.start()
-    assert started.wait(TIMEOUT_S) and thread.is_alive(), "server did not start"
-    yield ports
-    loop.call_soon_threadsafe(events["stop"].set)
-    thread.join(TIMEOUT_S)
-    assert not thread.is_alive(), "server did not stop"
-    backend.shutdown()
+    srv = ServerThread.for_checkpoint(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), MODEL)
+    yield {"http": srv.http_port, "grpc": srv.grpc_port, "vocab": srv.backend.vocab_size}
+    srv.stop()
 
 
 def _args(server: dict, **kw):

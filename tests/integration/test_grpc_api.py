@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 import time
 
 import grpc
@@ -14,13 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from local_server import ServerThread
 from tiny_model import make_tiny_checkpoint
 
-from engine.engine_config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.llm_engine import LLMEngine
-from router.backend import LocalBackend
-from router.servers import serve_all
 from splitserve_proto import generation_pb2 as pb
 from splitserve_proto import generation_pb2_grpc as pb_grpc
 
@@ -29,44 +22,11 @@ PROMPT = "Serving large language models means"
 TIMEOUT_S = 30
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """`serve_all` on a thread with its own event loop, stopped through its `stop` event."""
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    engine = LLMEngine(
-        EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, num_threads=1)
-    )
-    backend = LocalBackend(EngineLoop(engine), MODEL)
-    ports = {"http": free_port(), "grpc": free_port()}
-    loop, started, events = asyncio.new_event_loop(), threading.Event(), {}
-
-    async def main() -> None:
-        events["stop"], ready = asyncio.Event(), asyncio.Event()
-        serving = asyncio.create_task(
-            serve_all(
-                backend, "127.0.0.1", ports["http"], ports["grpc"], ready=ready, stop=events["stop"]
-            )
-        )
-        await asyncio.wait(
-            {serving, asyncio.create_task(ready.wait())}, return_when="FIRST_COMPLETED"
-        )
-        started.set()
-        await serving
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),))
-    thread.start()
-    assert started.wait(TIMEOUT_S) and thread.is_alive(), "server did not start"
-    yield ports
-    loop.call_soon_threadsafe(events["stop"].set)
-    thread.join(TIMEOUT_S)
-    assert not thread.is_alive(), "server did not stop"
-    backend.shutdown()
+    srv = ServerThread.for_checkpoint(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), MODEL)
+    yield {"http": srv.http_port, "grpc": srv.grpc_port}
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

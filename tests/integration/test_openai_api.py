@@ -6,11 +6,8 @@ its own thread and event loop for the module; every wait is bounded.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -18,71 +15,16 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from local_server import ENGINE_ARGS, ServerThread
 from tiny_model import make_tiny_checkpoint
 
-from engine.engine_config import EngineConfig
-from engine.engine_loop import EngineLoop
 from engine.llm import LLM
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from router.backend import LocalBackend
 from router.openai_api import create_app
-from router.servers import serve_all
 
 MODEL = "tiny-llama"
 PROMPT = "Serving large language models means"
-ENGINE_ARGS = {"num_kv_blocks": 256, "block_size": 4, "num_threads": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """`serve_all` on a thread with its own event loop; `stop()` shuts it down gracefully."""
-
-    def __init__(self, backend: LocalBackend):
-        self.backend = backend
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),))
-
-    async def _main(self) -> None:
-        self._stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            serve_all(
-                self.backend,
-                "127.0.0.1",
-                self.http_port,
-                self.grpc_port,
-                ready=ready,
-                stop=self._stop,
-            )
-        )
-        ready_task = asyncio.create_task(ready.wait())
-        await asyncio.wait({task, ready_task}, return_when=asyncio.FIRST_COMPLETED)
-        self._started.set()
-        await task
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        assert self._started.wait(30), "server did not start"
-        assert self._thread.is_alive(), "server died on start"
-        return self
-
-    def stop(self) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "server did not stop"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +34,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path):
-    engine = LLMEngine(EngineConfig(model=str(checkpoint), **ENGINE_ARGS))
-    backend = LocalBackend(EngineLoop(engine), MODEL)
-    srv = ServerThread(backend).start()
+    srv = ServerThread.for_checkpoint(checkpoint, MODEL)
     yield srv
     srv.stop()
-    backend.shutdown()
 
 
 @pytest.fixture(scope="module")
