@@ -198,10 +198,6 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._requests)
-
     # ---- the step ------------------------------------------------------------
     def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         """Run one iteration; return the outputs that got a token or finished.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -214,8 +215,6 @@ async def _relay(stream) -> AsyncIterator[TokenDelta]:
 
 
 def _with_threads(config: EngineConfig, threads: int) -> EngineConfig:
-    import dataclasses
-
     if config.num_threads:
         return config
     return dataclasses.replace(config, num_threads=threads)
