@@ -52,6 +52,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1: Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--text-prompts",
+        action="store_true",
+        help="random dataset: send text even to completions (servers that take no token ids)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument(
         "--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50"
@@ -151,9 +156,10 @@ class OpenAIClient:
             "temperature": a.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "ignore_eos": a.ignore_eos,
             "seed": a.seed,
         }
+        if a.ignore_eos:  # a vLLM extension: sent only when asked for, since peers may refuse it
+            body["ignore_eos"] = True
         if a.endpoint == "chat":
             prompt = sample.prompt
             assert isinstance(prompt, str)
@@ -335,7 +341,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     samples = load_samples(
         args.dataset,
         args.num_prompts,
-        token_ids=args.endpoint == "completions",
+        token_ids=args.endpoint == "completions" and not args.text_prompts,
         seed=args.seed,
         dataset_path=args.dataset_path,
         random_input_len=args.random_input_len,

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = bench_sub.add_parser("serve", help="load-test a running server (vllm bench serve)")
     serve_bench.add_args(serve)
     serve.set_defaults(func=serve_bench.run)
+    from bench import sweep
+
+    sweep_parser = bench_sub.add_parser(
+        "sweep", help="goodput under TTFT/TPOT SLOs: disaggregated vs colocated, rate sweep"
+    )
+    sweep.add_args(sweep_parser)
+    sweep_parser.set_defaults(func=sweep.run)
     return parser
 
 

@@ -147,3 +147,40 @@ def test_some_requests_fail(server, tmp_path):
     assert len(s["errors"]) == 1 and "HTTP 400" in s["errors"][0]
     assert s["slo_attainment"] == 0.5  # failed requests miss the SLO
     assert s["total_output_tokens"] == 6
+
+
+def _server_metrics(server: dict) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['http']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_tool_agrees_with_the_servers_own_timings(server):
+    """The tool's per-request TTFT/E2E and token counts against the server's Prometheus metrics.
+
+    The server clocks a request from its arrival, the tool from just before sending it, so
+    each of the tool's latencies is the server's plus the loopback and HTTP overhead.
+    """
+    names = (
+        "splitserve_time_to_first_token_seconds_sum",
+        "splitserve_time_to_first_token_seconds_count",
+        "splitserve_e2e_request_latency_seconds_sum",
+        "splitserve_generation_tokens_total",
+    )
+    before = _server_metrics(server)
+    result = serve_bench.benchmark(_args(server, request_rate=20.0))
+    after = _server_metrics(server)
+    ttft_sum, ttft_count, e2e_sum, tokens = (after[k] - before.get(k, 0.0) for k in names)
+    _check_consistent(result)
+    reqs = result["requests"]
+    assert ttft_count == N
+    assert tokens == result["summary"]["total_output_tokens"]
+    tool_ttft = sum(r["first_token_time"] - r["start"] for r in reqs)
+    tool_e2e = sum(r["end"] - r["start"] for r in reqs)
+    overhead_s = 0.25 * N  # generous per-request loopback + HTTP bound on a loaded 2-core box
+    assert ttft_sum <= tool_ttft <= ttft_sum + overhead_s
+    assert e2e_sum <= tool_e2e <= e2e_sum + overhead_s
