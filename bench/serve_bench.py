@@ -62,6 +62,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--arrival-seed",
+        type=int,
+        default=None,
+        help="seed of the arrival times alone (default: --seed); fresh prompts, same arrivals",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     p.add_argument("--result-json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG of the TTFT and ITL CDFs")
@@ -352,7 +358,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         sigma=args.sigma,
     )
     check_reachable(args)
-    delays = arrival_delays(len(samples), args.request_rate, args.burstiness, args.seed)
+    arrival_seed = args.seed if args.arrival_seed is None else args.arrival_seed
+    delays = arrival_delays(len(samples), args.request_rate, args.burstiness, arrival_seed)
     records, t0, t1 = asyncio.run(_run(args, samples, delays))
     for rec in records:  # times relative to the start of the run
         for k in ("start", "end", "first_token_time"):

@@ -8,7 +8,8 @@ interpolated linearly between the last rate that attains it and the first that d
 
 Every mode sees the same prompts at the same rates (one seed per workload and rate). A sweep
 of a mode stops at the first rate whose attainment falls below --stop-below; when even the
-lowest rate misses the target, the rate is halved (at most twice) to bracket the goodput.
+lowest rate misses the target, the rate is halved (at most twice) to bracket the goodput;
+while the highest still attains it, the rate goes on up (x1.5, at most twice).
 
     splitserve bench sweep                         # all workloads and modes, ~25 min here
     splitserve bench sweep --workloads prefill-heavy --modes disaggregated colocated
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from engine.errors import InvalidRequestError
 
 TARGET_ATTAINMENT = 0.9
 MAX_HALVINGS = 2
+MAX_EXTENSIONS = 2  # rates tried above a workload's grid while every rate attains the target
+EXTEND_FACTOR = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,7 @@ WORKLOADS = {
             "32-token prompts, 64-token outputs",
             {"dataset": "random", "random_input_len": 32, "random_output_len": 64},
             {"ttft": 2000.0, "tpot": 150.0},
-            (0.5, 1.0, 1.5, 2.0),
+            (1.0, 2.0, 3.0),
         ),
         Workload(
             "chat",
@@ -130,7 +134,9 @@ def next_rate(
 
     Rates go up from the lowest; the sweep stops at the first attainment below
     `stop_below`. While the lowest rate tried misses the target it is halved (at most
-    MAX_HALVINGS times); once a halved rate attains it, the goodput is bracketed.
+    MAX_HALVINGS times); once a halved rate attains it, the goodput is bracketed. While the
+    highest rate still attains it, rates go on past the grid (x EXTEND_FACTOR, at most
+    MAX_EXTENSIONS times).
     """
     if not done:
         return rates[0]
@@ -140,7 +146,11 @@ def next_rate(
         return rate / 2 if halvings < MAX_HALVINGS else None
     if rate < rates[0] or attainment < stop_below:
         return None
-    return next((r for r in rates if r > rate), None)
+    higher = next((r for r in rates if r > rate), None)
+    if higher is None and attainment >= TARGET_ATTAINMENT:
+        extensions = sum(r > rates[-1] for r, _ in done)
+        return rate * EXTEND_FACTOR if extensions < MAX_EXTENSIONS else None
+    return higher
 
 
 def goodput_at(
@@ -182,7 +192,11 @@ def _bench_args(
         request_rate=rate,
         ignore_eos=True,  # outputs as long as the workload says, in every mode
         goodput=[f"{k}:{v:g}" for k, v in workload.slos_ms.items()],
-        seed=args.seed,  # the same prompts and arrival pattern, stretched, at every rate
+        # The same arrival pattern, stretched, at every rate and in every mode; prompts fresh
+        # at each rate (a server's prefix cache still holds the last rate's), the same across
+        # modes (each mode has its own server).
+        seed=args.seed + zlib.crc32(f"{workload.name}@{rate:g}".encode()) % 1_000_000,
+        arrival_seed=args.seed,
         no_progress=True,
         timeout=args.request_timeout,
         **workload.bench,
@@ -199,6 +213,7 @@ def _warm_up(base_url: str, args: argparse.Namespace) -> None:
         random_output_len=8,
         ignore_eos=True,
         no_progress=True,
+        seed=args.seed + 1_000_003,  # prompts no workload uses
     )
     serve_bench.benchmark(warm)
 

@@ -49,10 +49,13 @@ def test_rates_go_up_until_attainment_collapses():
     assert goodput_at(done)[1] == "exact"
 
 
-def test_every_rate_attained():
+def test_rates_go_on_past_the_grid_while_attained():
+    done = _simulate((0.5, 1.0), capacity=1.6)
+    assert [r for r, _ in done] == [0.5, 1.0, 1.5, 2.25]  # 1.5 attains, 2.25 does not
+    assert goodput_at(done)[1] == "exact"
     done = _simulate((0.5, 1.0), capacity=5)
-    assert [r for r, _ in done] == [0.5, 1.0]
-    assert goodput_at(done) == (1.0, "at least")
+    assert [r for r, _ in done] == [0.5, 1.0, 1.5, 2.25]  # at most two steps past the grid
+    assert goodput_at(done) == (2.25, "at least")
 
 
 def test_lowest_rate_missing_is_halved_until_bracketed():
@@ -106,3 +109,15 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(["bench", "sweep", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_each_rate_has_fresh_prompts_and_the_same_arrivals():
+    args = argparse.Namespace(
+        model="m", seed=0, seconds_per_rate=40, min_prompts=12, max_prompts=60,
+        request_timeout=60.0,
+    )  # fmt: skip
+    w = sweep.WORKLOADS["prefill-heavy"]
+    a, b = (sweep._bench_args(w, rate, "http://x", args) for rate in (0.25, 0.4))
+    assert a.seed != b.seed  # a prefix cache must not serve one rate's prompts to the next
+    assert a.arrival_seed == b.arrival_seed == 0
+    assert a.random_input_len == 512 and a.ignore_eos and a.goodput == ["ttft:5000", "tpot:125"]
