@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -18,10 +19,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, health_url: str, timeout_s: float) -> bool:
+    """Poll `health_url` until it answers 200: True; False if `proc` exits first. On timeout,
+    stop the process group and raise TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(1)
+    stop_group(proc, grace_s=10)
+    raise TimeoutError(f"server did not become healthy in {timeout_s:.0f} s")
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGINT the process group `proc` leads (started with start_new_session); SIGKILL it after
+    `grace_s`."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 class ServerProcess:
+    """`splitserve serve` on free ports (HTTP, gRPC, Ray dashboard); its output goes to a
+    temporary log file (a pipe nobody reads would stall a chatty server), `log()` reads it."""
+
     def __init__(self, *serve_args: str, start_timeout_s: float = 240.0):
         self.port, self.grpc_port = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop)
+            mode="w+", prefix="splitserve-serve-", suffix=".log"
+        )
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -32,27 +69,28 @@ class ServerProcess:
                 str(self.port),
                 "--grpc-port",
                 str(self.grpc_port),
+                "--dashboard-port",
+                str(free_port()),
                 *serve_args,
             ],
-            stdout=subprocess.PIPE,
+            stdout=self.log_file,
             stderr=subprocess.STDOUT,
-            text=True,
             env={**os.environ, "RAY_DEDUP_LOGS": "0"},
             start_new_session=True,
         )
-        deadline = time.monotonic() + start_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                output = self.proc.stdout.read() if self.proc.stdout else ""
-                raise RuntimeError(f"server exited:\n{output}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"server did not become healthy in {start_timeout_s:.0f} s")
+        try:
+            healthy = wait_healthy(self.proc, self.base + "/health", start_timeout_s)
+        except TimeoutError:
+            self.log_file.close()
+            raise
+        if not healthy:
+            output = self.log()
+            self.log_file.close()
+            raise RuntimeError(f"server exited:\n{output[-8000:]}")
+
+    def log(self) -> str:
+        with open(self.log_file.name, errors="replace") as f:
+            return f.read()
 
     def status(self) -> dict:
         with urllib.request.urlopen(self.base + "/status", timeout=10) as r:
@@ -69,13 +107,8 @@ class ServerProcess:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc, grace_s=60)
+        self.log_file.close()
 
     def __enter__(self) -> ServerProcess:
         return self

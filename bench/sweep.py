@@ -178,7 +178,10 @@ def format_goodput(value: float, kind: str) -> str:
 
 
 def num_prompts(rate: float, args: argparse.Namespace) -> int:
-    """Enough requests to hold `rate` for --seconds-per-rate, within the prompt bounds."""
+    """Enough requests to hold `rate` for --seconds-per-rate, within the prompt bounds.
+
+    The arrivals, not a fixed count, set a point's length: a fixed count at a high rate is a
+    burst that ends before the server reaches its steady state, and overstates goodput."""
     return int(min(args.max_prompts, max(args.min_prompts, round(rate * args.seconds_per_rate))))
 
 
@@ -199,6 +202,7 @@ def _bench_args(
         arrival_seed=args.seed,
         no_progress=True,
         timeout=args.request_timeout,
+        vocab_size=args.vocab_size,
         **workload.bench,
     )
 
@@ -213,6 +217,7 @@ def _warm_up(base_url: str, args: argparse.Namespace) -> None:
         random_output_len=8,
         ignore_eos=True,
         no_progress=True,
+        vocab_size=args.vocab_size,
         seed=args.seed + 1_000_003,  # prompts no workload uses
     )
     serve_bench.benchmark(warm)
@@ -351,6 +356,9 @@ def _latencies(requests: list[dict[str, Any]], name: str) -> list[float]:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--vocab-size", type=int, default=49152, help="random token ids are drawn below this"
+    )
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), metavar="NAME")
     p.add_argument("--modes", nargs="+", default=list(MODES), metavar="NAME")
     p.add_argument(
@@ -360,13 +368,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="request rates for every workload (default: each workload's own)",
     )
-    p.add_argument("--seconds-per-rate", type=float, default=45.0, help="arrivals per rate point")
-    p.add_argument("--min-prompts", type=int, default=16)
-    p.add_argument("--max-prompts", type=int, default=36)
+    p.add_argument("--seconds-per-rate", type=float, default=36.0, help="arrivals per rate point")
+    p.add_argument("--min-prompts", type=int, default=14)
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        default=400,
+        help="a safety cap; a lower one cuts high rates short of steady state",
+    )
     p.add_argument(
         "--stop-below",
         type=float,
-        default=0.5,
+        default=0.7,
         help="stop a mode's sweep at the first rate with attainment below this",
     )
     p.add_argument("--request-timeout", type=float, default=300.0)

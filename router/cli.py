@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_args(sweep_parser)
     sweep_parser.set_defaults(func=sweep.run)
+    from bench import hf_peer
+
+    peer = bench_sub.add_parser(
+        "peer", help="the same load on HF `transformers serve --continuous-batching` and on us"
+    )
+    hf_peer.add_peer_args(peer)
+    peer.set_defaults(func=hf_peer.run_peer_compare)
     return parser
 
 

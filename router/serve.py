@@ -32,6 +32,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray cluster to join (auto|HOST:PORT); default: start a local one",
     )
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DASHBOARD_PORT,
+        help="Ray dashboard port of the local cluster (not with --address)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -41,7 +47,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None)
 
 
-def _init_ray(address: str | None) -> str:
+def _init_ray(address: str | None, dashboard_port: int = DASHBOARD_PORT) -> str:
     import ray
 
     if address:
@@ -52,10 +58,10 @@ def _init_ray(address: str | None) -> str:
         namespace="splitserve",
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=DASHBOARD_PORT,
+        dashboard_port=dashboard_port,
         logging_level=logging.WARNING,
     )
-    return f"http://127.0.0.1:{DASHBOARD_PORT}"
+    return f"http://127.0.0.1:{dashboard_port}"
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -64,7 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from router.pools import PoolConfig, RayBackend
     from router.servers import serve_all
 
-    dashboard = _init_ray(args.address)
+    dashboard = _init_ray(args.address, args.dashboard_port)
     workers = args.prefill + args.decode
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = gpus >= workers

@@ -114,7 +114,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 def test_each_rate_has_fresh_prompts_and_the_same_arrivals():
     args = argparse.Namespace(
         model="m", seed=0, seconds_per_rate=40, min_prompts=12, max_prompts=60,
-        request_timeout=60.0,
+        request_timeout=60.0, vocab_size=49152,
     )  # fmt: skip
     w = sweep.WORKLOADS["prefill-heavy"]
     a, b = (sweep._bench_args(w, rate, "http://x", args) for rate in (0.25, 0.4))
