@@ -368,7 +368,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="request rates for every workload (default: each workload's own)",
     )
-    p.add_argument("--seconds-per-rate", type=float, default=36.0, help="arrivals per rate point")
+    p.add_argument("--seconds-per-rate", type=float, default=30.0, help="arrivals per rate point")
     p.add_argument("--min-prompts", type=int, default=14)
     p.add_argument(
         "--max-prompts",
@@ -385,6 +385,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("bench/results/sweep"))
+    p.add_argument(
+        "--reanalyze",
+        type=Path,
+        default=None,
+        metavar="SWEEP_JSON",
+        help="no servers: the goodput table of a saved sweep.json, under --slo if given",
+    )
+    p.add_argument(
+        "--slo", nargs="+", default=None, metavar="KEY:MS", help="with --reanalyze: ttft:MS tpot:MS"
+    )
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[Mode], list[Workload]]:
@@ -407,7 +417,39 @@ def _validate(args: argparse.Namespace) -> tuple[list[Mode], list[Workload]]:
     return [MODES[n] for n in args.modes], workloads
 
 
+def reanalyze(path: Path, slos_override: dict[str, float]) -> str:
+    """The goodput table of a saved sweep under other SLOs, from its per-request records.
+
+    The sweep chose its rates under its own SLOs, so a looser SLO may find no rate that
+    misses it (goodput "at least")."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        saved = doc["workloads"]
+        points = doc["points"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidRequestError(f"cannot read a sweep result from {path}: {exc}") from None
+    workloads = [
+        Workload(name, w["description"], w["bench"], {**w["slos_ms"], **slos_override},
+                 tuple(w["rates"]))
+        for name, w in saved.items()
+    ]  # fmt: skip
+    results: dict[str, dict[str, list[Point]]] = {}
+    for mode, by_workload in points.items():
+        results[mode] = {}
+        for w in workloads:
+            pts = []
+            for p in by_workload.get(w.name, []):
+                reqs = p["requests"]
+                good = sum(serve_metrics.meets_slos(r, w.slos_ms) for r in reqs)
+                pts.append(Point(p["rate"], good / len(reqs), p["summary"], reqs))
+            results[mode][w.name] = pts
+    return format_table(goodput_table(results, workloads), workloads)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.reanalyze is not None:
+        print(reanalyze(args.reanalyze, serve_bench.parse_goodput(args.slo)))
+        return 0
     modes, workloads = _validate(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

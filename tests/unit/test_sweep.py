@@ -121,3 +121,38 @@ def test_each_rate_has_fresh_prompts_and_the_same_arrivals():
     assert a.seed != b.seed  # a prefix cache must not serve one rate's prompts to the next
     assert a.arrival_seed == b.arrival_seed == 0
     assert a.random_input_len == 512 and a.ignore_eos and a.goodput == ["ttft:5000", "tpot:125"]
+
+
+def test_reanalyze_recomputes_attainment_under_other_slos(tmp_path):
+    def req(tpot_s):  # 11 tokens: TTFT 0.1 s, then 10 more tokens at tpot_s each
+        return {"success": True, "start": 0.0, "first_token_time": 0.1, "token_times": [0.1],
+                "end": 0.1 + 10 * tpot_s, "output_tokens": 11}  # fmt: skip
+
+    def point(rate, tpots):
+        return {
+            "rate": rate,
+            "attainment": None,
+            "summary": {},
+            "requests": [req(t) for t in tpots],
+        }
+
+    w = sweep.WORKLOADS["prefill-heavy"]
+    doc = {
+        "workloads": {w.name: {"description": w.description, "bench": w.bench,
+                               "slos_ms": {"ttft": 5000.0, "tpot": 125.0}, "rates": [1.0, 2.0]}},
+        "points": {
+            "disaggregated": {w.name: [point(1.0, [0.09] * 10), point(2.0, [0.11] * 10)]},
+            "colocated": {w.name: [point(1.0, [0.09] * 9 + [0.2]), point(2.0, [0.2] * 10)]},
+        },
+    }  # fmt: skip
+    path = tmp_path / "sweep.json"
+    path.write_text(__import__("json").dumps(doc))
+    # Saved SLOs (TPOT 125 ms): disaggregated meets them at both rates; colocated attains
+    # 90% at 1 req/s and 0% at 2.
+    lines = sweep.reanalyze(path, {}).splitlines()
+    assert ">= 2.00" in lines[2] and "disaggregated / colocated = 2.00x" in lines[3]
+    # TPOT 100 ms: disaggregated's 110 ms at 2 req/s now misses: 1.0 + 0.1 / 1.0 = 1.10.
+    tight = sweep.reanalyze(path, {"tpot": 100.0})
+    assert "TPOT <= 100 ms" in tight and "disaggregated / colocated = 1.10x" in tight
+    with pytest.raises(sweep.InvalidRequestError, match="cannot read a sweep result"):
+        sweep.reanalyze(tmp_path / "missing.json", {})
