@@ -11,7 +11,7 @@ of a mode stops at the first rate whose attainment falls below --stop-below; whe
 lowest rate misses the target, the rate is halved (at most twice) to bracket the goodput;
 while the highest still attains it, the rate goes on up (x1.5, at most twice).
 
-    splitserve bench sweep                         # all workloads and modes, ~25 min here
+    splitserve bench sweep                         # all workloads and modes, ~26 min here
     splitserve bench sweep --workloads prefill-heavy --modes disaggregated colocated
 """
 
