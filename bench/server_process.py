@@ -54,8 +54,9 @@ class ServerProcess:
     temporary log file (a pipe nobody reads would stall a chatty server), `log()` reads it."""
 
     def __init__(self, *serve_args: str, start_timeout_s: float = 240.0):
-        self.port, self.grpc_port = free_port(), free_port()
+        self.port, self.grpc_port, self.dashboard_port = free_port(), free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop)
             mode="w+", prefix="splitserve-serve-", suffix=".log"
         )
@@ -70,7 +71,7 @@ class ServerProcess:
                 "--grpc-port",
                 str(self.grpc_port),
                 "--dashboard-port",
-                str(free_port()),
+                str(self.dashboard_port),
                 *serve_args,
             ],
             stdout=self.log_file,

@@ -6,13 +6,16 @@ and for each workload sends `bench serve` load at rising Poisson request rates. 
 goodput on a workload is the highest rate at which at least 90% of requests meet both SLOs,
 interpolated linearly between the last rate that attains it and the first that does not.
 
-Every mode sees the same prompts at the same rates (one seed per workload and rate). A sweep
+Every mode sees the same prompts at the same rates (one prompt seed per workload and rate,
+so a prefix cache never serves one rate's prompts to the next) and one arrival pattern,
+stretched to each rate. A point lasts --seconds-per-rate of arrivals. A sweep
 of a mode stops at the first rate whose attainment falls below --stop-below; when even the
 lowest rate misses the target, the rate is halved (at most twice) to bracket the goodput;
 while the highest still attains it, the rate goes on up (x1.5, at most twice).
 
     splitserve bench sweep                         # all workloads and modes, ~26 min here
     splitserve bench sweep --workloads prefill-heavy --modes disaggregated colocated
+    splitserve bench sweep --reanalyze bench/results/sweep/sweep.json --slo tpot:100
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_ray_state_api_lists_the_named_workers(server):
             "--format",
             "json",
             "--address",
-            "http://127.0.0.1:8265",
+            server.dashboard,
         ],
         capture_output=True,
         text=True,
