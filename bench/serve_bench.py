@@ -410,22 +410,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def step_cdf(ax: Any, values: Sequence[float], label: str | None = None) -> None:
+    """The empirical CDF of `values` as a step line on matplotlib axes `ax`."""
+    if values:
+        xs = np.sort(values)
+        ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label)
+
+
 def plot_cdfs(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r["success"]]
-    series = {
-        "TTFT": [t * 1000 for r in ok if (t := serve_metrics.ttft(r)) is not None],
-        "ITL": [g * 1000 for r in ok for g in serve_metrics.itls(r)],
-    }
+    series = serve_metrics.latency_series_ms(records)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (name, values) in zip(axes, series.items(), strict=True):
-        if values:
-            xs = np.sort(values)
-            ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post")
+        step_cdf(ax, values)
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("CDF")
         ax.set_title(f"{name} CDF ({len(values)} samples)")

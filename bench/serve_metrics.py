@@ -86,6 +86,20 @@ def meets_slos(rec: Mapping[str, Any], slos_ms: Mapping[str, float]) -> bool:
     return True
 
 
+def slos_met(records: Sequence[Mapping[str, Any]], slos_ms: Mapping[str, float]) -> int:
+    """How many of `records` meet every SLO."""
+    return sum(meets_slos(r, slos_ms) for r in records)
+
+
+def latency_series_ms(records: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """The TTFT of each successful request and every ITL gap of them, in milliseconds."""
+    ok = [r for r in records if r.get("success")]
+    return {
+        "TTFT": [t * 1000 for r in ok if (t := ttft(r)) is not None],
+        "ITL": [g * 1000 for r in ok for g in itls(r)],
+    }
+
+
 def summarize(
     records: Sequence[Mapping[str, Any]],
     duration_s: float,
@@ -120,7 +134,7 @@ def summarize(
         "e2e_ms": stats_ms(e2e(r) for r in ok),
     }
     if slos_ms:
-        good = sum(meets_slos(r, slos_ms) for r in records)
+        good = slos_met(records, slos_ms)
         summary["slos_ms"] = dict(slos_ms)
         summary["slo_attainment"] = good / len(records) if records else None
         summary["goodput"] = good / duration_s

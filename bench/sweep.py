@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench import serve_bench, serve_metrics
 from bench.server_process import ServerProcess
 from engine.errors import InvalidRequestError
@@ -48,31 +46,23 @@ class Mode:
     description: str
 
 
+_TWO_WORKERS = ("--prefill", "1", "--decode", "1")
 MODES = {
     m.name: m
     for m in (
         Mode(
             "disaggregated",
-            ("--mode", "disaggregated", "--prefill", "1", "--decode", "1"),
+            ("--mode", "disaggregated", *_TWO_WORKERS),
             "1 prefill + 1 decode worker, KV over gRPC",
         ),
         Mode(
             "colocated",
-            ("--mode", "colocated", "--prefill", "1", "--decode", "1", "--no-chunked-prefill"),
+            ("--mode", "colocated", *_TWO_WORKERS, "--no-chunked-prefill"),
             "2 workers doing both phases; a prompt is prefilled whole, beside running decodes",
         ),
         Mode(
             "colocated-chunked",
-            (
-                "--mode",
-                "colocated",
-                "--prefill",
-                "1",
-                "--decode",
-                "1",
-                "--max-num-batched-tokens",
-                "256",
-            ),
+            ("--mode", "colocated", *_TWO_WORKERS, "--max-num-batched-tokens", "256"),
             "2 workers doing both phases; prompts chunked to a 256-token step budget",
         ),
     )
@@ -320,15 +310,10 @@ def plot_sweep(
         ax.legend()
         common = set.intersection(*({p.rate for p in pts} for pts in by_mode.values()))
         rate = max(common) if common else None
+        series = {m: serve_metrics.latency_series_ms(p.requests) for m, p in _at(by_mode, rate)}
         for ax, name in zip(axes[1:], ("TTFT", "ITL"), strict=True):
-            for mode, pts in by_mode.items():
-                point = next((p for p in pts if p.rate == rate), None)
-                if point is None:
-                    continue
-                values = _latencies(point.requests, name)
-                if values:
-                    xs = np.sort(values)
-                    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=mode)
+            for mode, values in series.items():
+                serve_bench.step_cdf(ax, values[name], label=mode)
             slo = w.slos_ms.get("ttft") if name == "TTFT" else None
             if slo:
                 ax.axvline(slo, color="grey", ls="--", lw=1)
@@ -346,11 +331,9 @@ def plot_sweep(
     return paths
 
 
-def _latencies(requests: list[dict[str, Any]], name: str) -> list[float]:
-    ok = [r for r in requests if r["success"]]
-    if name == "TTFT":
-        return [t * 1000 for r in ok if (t := serve_metrics.ttft(r)) is not None]
-    return [g * 1000 for r in ok for g in serve_metrics.itls(r)]
+def _at(by_mode: dict[str, list[Point]], rate: float | None) -> list[tuple[str, Point]]:
+    """Each mode's point at `rate`, for the modes that ran it."""
+    return [(m, p) for m, pts in by_mode.items() for p in pts if p.rate == rate]
 
 
 # ---- CLI -------------------------------------------------------------------------------------
@@ -440,12 +423,15 @@ def reanalyze(path: Path, slos_override: dict[str, float]) -> str:
     for mode, by_workload in points.items():
         results[mode] = {}
         for w in workloads:
-            pts = []
-            for p in by_workload.get(w.name, []):
-                reqs = p["requests"]
-                good = sum(serve_metrics.meets_slos(r, w.slos_ms) for r in reqs)
-                pts.append(Point(p["rate"], good / len(reqs), p["summary"], reqs))
-            results[mode][w.name] = pts
+            results[mode][w.name] = [
+                Point(
+                    p["rate"],
+                    serve_metrics.slos_met(p["requests"], w.slos_ms) / len(p["requests"]),
+                    p["summary"],
+                    p["requests"],
+                )
+                for p in by_workload.get(w.name, [])
+            ]
     return format_table(goodput_table(results, workloads), workloads)
 
 
