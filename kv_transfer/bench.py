@@ -1,12 +1,14 @@
 """How fast KV moves over the gRPC transport, against a raw TCP socket on the same machine.
 
     (a) GrpcKVSender ── Push(KVChunk pages) ──> GrpcKVServer: layer by layer, from one
-        cache tensor into another (copy-out, crc32 both ends, protobuf framing, write-in)
+        cache tensor into another (copy-out, crc32c both ends, protobuf framing, write-in)
     (b) socket.sendall ──> socket.recv_into: the same bytes, straight into the
         destination tensor's memory (the floor any transport pays on loopback)
 
 The receiver runs in its own process, as a decode worker does, so sender and
 receiver do not share a GIL; time runs from the first byte to the receiver's ack.
+Each path runs one untimed full-size round (a server has warm channels and heaps),
+then ROUNDS timed ones; the median counts.
 Run: python -m kv_transfer.bench [total_MiB]
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -38,47 +41,49 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(memoryview(t.view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
 
 
+ROUNDS = 3  # timed rounds per path, after one untimed full-size round; the median counts
+
+
 def _grpc_receiver(shape, conn) -> None:
     torch.set_num_threads(1)
     dst, table, landed = torch.zeros(shape), TransferTable(), threading.Event()
     server = GrpcKVServer(dst, table, lambda _t: landed.set())
     conn.send(server.start())
     while (request_id := conn.recv()) is not None:  # one reservation per round
+        landed.clear()
+        dst.zero_()
         table.reserve(request_id, list(range(shape[2])), shape[0], lease_s=600)
         conn.send("reserved")
-        if conn.recv() == "check":
-            landed.wait(600)
-            conn.send(_crc(dst))
+        conn.recv()  # the sender has its ack
+        conn.send(_crc(dst) if landed.wait(600) else None)
         table.release(request_id)
     server.stop()
 
 
-def _grpc_seconds(src: torch.Tensor, max_chunk_bytes: int) -> float:
+def _grpc_seconds(src: torch.Tensor, max_chunk_bytes: int) -> list[float]:
+    """Seconds per round, one Push of every layer each, from begin to the receiver's ack."""
     parent, child = mp.Pipe()
     proc = mp.get_context("spawn").Process(target=_grpc_receiver, args=(src.shape, child))
     proc.start()
     endpoint = parent.recv()
     sender = GrpcKVSender(max_chunk_bytes)
     blocks = list(range(src.shape[2]))
+    seconds = []
     try:
-        for i, timed in enumerate((False, True)):  # first round warms up the channel
+        for i in range(1 + ROUNDS):  # round 0 warms up the channel and both heaps
             request_id = f"bench-{i}"
             parent.send(request_id)
             parent.recv()
             start = time.perf_counter()
             sender.begin(request_id, endpoint)
-            for layer in range(src.shape[0]) if timed else range(1):
+            for layer in range(src.shape[0]):
                 sender.send_layer(request_id, src, layer, blocks, blocks)
-            if timed:
-                sender.finish(request_id, 0, 1, timeout_s=600)  # returns on the ack
-                elapsed = time.perf_counter() - start
-                parent.send("check")
-                if parent.recv() != _crc(src):
-                    raise RuntimeError("gRPC bench: pages did not land intact")
-            else:
-                sender.abort(request_id)
-                parent.send("skip")
-        return elapsed
+            sender.finish(request_id, 0, 1, timeout_s=600)  # returns on the ack
+            seconds.append(time.perf_counter() - start)
+            parent.send("check")
+            if parent.recv() != _crc(src):
+                raise RuntimeError("gRPC bench: pages did not land intact")
+        return seconds[1:]
     finally:
         parent.send(None)
         sender.close()
@@ -90,20 +95,23 @@ def _socket_receiver(shape, port_conn, chunk_bytes: int) -> None:
     into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
     listener = socket.create_server(("127.0.0.1", 0))
     port_conn.send(listener.getsockname()[1])
-    conn, _ = listener.accept()
-    with conn:
-        got = 0
-        while got < into.nbytes:
-            n = conn.recv_into(into[got:], min(chunk_bytes, into.nbytes - got))
-            if n == 0:
-                raise RuntimeError("socket bench: peer closed early")
-            got += n
-        conn.sendall(b"k")  # the ack
-    port_conn.send(_crc(dst))
+    for _ in range(1 + ROUNDS):
+        dst.zero_()
+        conn, _ = listener.accept()
+        with conn:
+            got = 0
+            while got < into.nbytes:
+                n = conn.recv_into(into[got:], min(chunk_bytes, into.nbytes - got))
+                if n == 0:
+                    raise RuntimeError("socket bench: peer closed early")
+                got += n
+            conn.sendall(b"k")  # the ack
+        port_conn.send(_crc(dst))
     listener.close()
 
 
-def _socket_seconds(src: torch.Tensor, chunk_bytes: int) -> float:
+def _socket_seconds(src: torch.Tensor, chunk_bytes: int) -> list[float]:
+    """Seconds per round, from connect to the receiver's ack of the last byte."""
     out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
     parent, child = mp.Pipe()
     proc = mp.get_context("spawn").Process(
@@ -111,16 +119,18 @@ def _socket_seconds(src: torch.Tensor, chunk_bytes: int) -> float:
     )
     proc.start()
     port = parent.recv()
-    start = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as conn:
-        for offset in range(0, out.nbytes, chunk_bytes):
-            conn.sendall(out[offset : offset + chunk_bytes])
-        conn.recv(1)
-    elapsed = time.perf_counter() - start
-    if parent.recv() != _crc(src):
-        raise RuntimeError("socket bench: bytes did not land intact")
+    seconds = []
+    for _ in range(1 + ROUNDS):
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            for offset in range(0, out.nbytes, chunk_bytes):
+                conn.sendall(out[offset : offset + chunk_bytes])
+            conn.recv(1)
+        seconds.append(time.perf_counter() - start)
+        if parent.recv() != _crc(src):
+            raise RuntimeError("socket bench: bytes did not land intact")
     proc.join(30)
-    return elapsed
+    return seconds[1:]
 
 
 def measure_grpc_bandwidth(
@@ -134,8 +144,8 @@ def measure_grpc_bandwidth(
     try:
         src = torch.randn(_shape(total_bytes))
         nbytes = src.numel() * src.element_size()
-        grpc_s = _grpc_seconds(src, max_chunk_bytes)
-        socket_s = _socket_seconds(src, max_chunk_bytes)
+        grpc_s = statistics.median(_grpc_seconds(src, max_chunk_bytes))
+        socket_s = statistics.median(_socket_seconds(src, max_chunk_bytes))
     finally:
         torch.set_num_threads(threads)
     grpc_gbps, socket_gbps = nbytes / grpc_s / 1e9, nbytes / socket_s / 1e9

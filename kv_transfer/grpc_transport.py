@@ -3,8 +3,8 @@
     prefill worker (GrpcKVSender)                    decode worker (GrpcKVServer)
     begin(id, "host:port") ── opens Push ─────────>  handler thread for the call
     send_layer(id, kv, l, src, dst)                  for each KVChunk{page}:
-      copy kv[l, :, src] out (caller's thread),        crc32/dtype/shape check,
-      enqueue; gRPC's stream thread computes crc32,    table.landing(header) (blocks reserved?),
+      copy kv[l, :, src] out (caller's thread),        crc32c/dtype/shape check,
+      enqueue; gRPC's stream thread computes crc32c,   table.landing(header) (blocks reserved?),
       encodes and sends ─── KVChunk{page} ───────>     write into kv[l, :, dst] (one copy)
     finish(id, token, n) ─── KVChunk{done} ──────>   table.on_done -> READY: on_ready(transfer)
       waits for the reply <── PushReply{READY} ────                  FAILED: on_failed(transfer)
@@ -38,6 +38,7 @@ from kv_transfer.grpc_codec import (
     encode_chunk,
     header_from_proto,
 )
+from kv_transfer.heap import retain_freed_memory
 from kv_transfer.pages import (
     DEFAULT_MAX_CHUNK_BYTES,
     block_chunks,
@@ -78,6 +79,7 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
         max_workers: int = 4,
         on_failed: Callable[[KVTransfer], None] | None = None,
     ) -> None:
+        retain_freed_memory()  # received messages: reuse heap memory, no page faults per chunk
         self.kv_cache = kv_cache
         self.table = table
         self.on_ready = on_ready
@@ -176,6 +178,7 @@ class GrpcKVSender:
     """Streams a request's pages to a decode worker's GrpcKVServer, layer by layer."""
 
     def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+        retain_freed_memory()  # gathered pages and encoded messages: reuse heap memory
         self.max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}

@@ -11,7 +11,7 @@ from kv_transfer.errors import (
     KVTransferError,
     UnknownTransferError,
 )
-from kv_transfer.pages import KVPageHeader, split_layer_pages, write_pages
+from kv_transfer.pages import KVPageHeader, payload_checksum, split_layer_pages, write_pages
 from kv_transfer.state import TransferState, TransferTable
 
 S = TransferState
@@ -24,6 +24,15 @@ def _cache(dtype, layers=3, blocks=40, seed=0):
 
 def _shuffled(n, k, seed):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist()
+
+
+def test_checksum_is_crc32c_over_any_buffer():
+    # the wire's checksum is CRC-32C: the standard check value, so other peers can verify it
+    assert payload_checksum(b"123456789") == 0xE3069283
+    pages = _cache(torch.float32)[0]
+    raw = pages.numpy().tobytes()
+    view = memoryview(pages.view(torch.uint8).reshape(-1).numpy())
+    assert payload_checksum(view) == payload_checksum(raw)  # a tensor's own memory, no copy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
