@@ -4,6 +4,11 @@
         cache tensor into another (copy-out, crc32c both ends, protobuf framing, write-in)
     (b) socket.sendall ──> socket.recv_into: the same bytes, straight into the
         destination tensor's memory (the floor any transport pays on loopback)
+    (c) bare gRPC: the same bytes as plain `bytes` messages of the same size on one
+        client stream, no framing, checksum or bookkeeping; the receiver copies each
+        into the destination. The most any transport built on grpcio's Python API
+        can reach: it copies a message into a gRPC slice on send and out into a
+        `bytes` on receive, two copies (a) and (c) pay and (b) does not.
 
 The receiver runs in its own process, as a decode worker does, so sender and
 receiver do not share a GIL; time runs from the first byte to the receiver's ack.
@@ -21,10 +26,13 @@ import sys
 import threading
 import time
 import zlib
+from concurrent import futures
 
+import grpc
 import torch
 
-from kv_transfer.grpc_transport import GrpcKVSender, GrpcKVServer
+from kv_transfer.grpc_transport import GRPC_OPTIONS, GrpcKVSender, GrpcKVServer
+from kv_transfer.heap import retain_freed_memory
 from kv_transfer.pages import DEFAULT_MAX_CHUNK_BYTES
 from kv_transfer.state import TransferTable
 
@@ -90,6 +98,69 @@ def _grpc_seconds(src: torch.Tensor, max_chunk_bytes: int) -> list[float]:
         proc.join(30)
 
 
+_BARE_METHOD = "/splitserve.bench.Bare/Push"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _bare_grpc_receiver(shape, conn) -> None:
+    """A server whose Push copies each message into `dst` in order, and acks the count."""
+    retain_freed_memory()
+    dst = torch.zeros(shape)
+    into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+
+    def push(messages, _context) -> bytes:
+        got = 0
+        for message in messages:
+            into[got : got + len(message)] = message
+            got += len(message)
+        return got.to_bytes(8, "little")
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=GRPC_OPTIONS)
+    handler = grpc.stream_unary_rpc_method_handler(
+        push, request_deserializer=_identity, response_serializer=_identity
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("splitserve.bench.Bare", {"Push": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send(port)
+    while conn.recv() is not None:  # "check" after each round
+        conn.send(_crc(dst))
+        dst.zero_()
+    server.stop(1.0)
+
+
+def _bare_grpc_seconds(src: torch.Tensor, chunk_bytes: int) -> list[float]:
+    """Seconds per round: one Push of `src` as chunk_bytes messages, to the server's reply."""
+    out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=_bare_grpc_receiver, args=(src.shape, child))
+    proc.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{parent.recv()}", options=GRPC_OPTIONS)
+    push = channel.stream_unary(
+        _BARE_METHOD, request_serializer=_identity, response_deserializer=_identity
+    )
+    seconds = []
+    try:
+        for _ in range(1 + ROUNDS):
+            start = time.perf_counter()
+            # bytes(): the one copy a message needs to exist as the `bytes` grpcio sends
+            push(bytes(out[o : o + chunk_bytes]) for o in range(0, out.nbytes, chunk_bytes))
+            seconds.append(time.perf_counter() - start)
+            parent.send("check")
+            if parent.recv() != _crc(src):
+                raise RuntimeError("bare gRPC bench: bytes did not land intact")
+        return seconds[1:]
+    finally:
+        parent.send(None)
+        channel.close()
+        proc.join(30)
+
+
 def _socket_receiver(shape, port_conn, chunk_bytes: int) -> None:
     dst = torch.zeros(shape)
     into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
@@ -136,7 +207,8 @@ def _socket_seconds(src: torch.Tensor, chunk_bytes: int) -> list[float]:
 def measure_grpc_bandwidth(
     total_bytes: int = 256 << 20, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
 ) -> dict[str, float]:
-    """GB/s of (a) gRPC KV transfer and (b) a raw TCP socket, same bytes, and (a)/(b)."""
+    """GB/s of (a) gRPC KV transfer, (b) a raw TCP socket and (c) bare gRPC, same bytes;
+    ratio = (a)/(b), bare_ratio = (c)/(b) (the ceiling for ratio), of_bare = (a)/(c)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(
         1
@@ -146,14 +218,19 @@ def measure_grpc_bandwidth(
         nbytes = src.numel() * src.element_size()
         grpc_s = statistics.median(_grpc_seconds(src, max_chunk_bytes))
         socket_s = statistics.median(_socket_seconds(src, max_chunk_bytes))
+        bare_s = statistics.median(_bare_grpc_seconds(src, max_chunk_bytes))
     finally:
         torch.set_num_threads(threads)
     grpc_gbps, socket_gbps = nbytes / grpc_s / 1e9, nbytes / socket_s / 1e9
+    bare_gbps = nbytes / bare_s / 1e9
     return {
         "bytes": float(nbytes),
         "grpc_gbps": grpc_gbps,
         "socket_gbps": socket_gbps,
+        "bare_grpc_gbps": bare_gbps,
         "ratio": grpc_gbps / socket_gbps,
+        "bare_ratio": bare_gbps / socket_gbps,
+        "of_bare": grpc_gbps / bare_gbps,
     }
 
 
