@@ -13,12 +13,13 @@
 The receiver runs in its own process, as a decode worker does, so sender and
 receiver do not share a GIL; time runs from the first byte to the receiver's ack.
 Each path runs one untimed full-size round (a server has warm channels and heaps),
-then ROUNDS timed ones; the median counts.
+then ROUNDS timed ones, the three paths taking turns; each path's median counts.
 Run: python -m kv_transfer.bench [total_MiB]
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import socket
 import statistics
@@ -26,7 +27,10 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent import futures
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 import grpc
 import torch
@@ -49,7 +53,14 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(memoryview(t.view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
 
 
-ROUNDS = 3  # timed rounds per path, after one untimed full-size round; the median counts
+ROUNDS = 5  # timed rounds per path, after one untimed full-size round; the median counts
+
+
+def _receiver(target, *args) -> tuple[BaseProcess, Connection]:
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=target, args=(*args, child))
+    proc.start()
+    return proc, parent
 
 
 def _grpc_receiver(shape, conn) -> None:
@@ -68,32 +79,29 @@ def _grpc_receiver(shape, conn) -> None:
     server.stop()
 
 
-def _grpc_seconds(src: torch.Tensor, max_chunk_bytes: int) -> list[float]:
+def _grpc_rounds(src: torch.Tensor, max_chunk_bytes: int) -> Iterator[float]:
     """Seconds per round, one Push of every layer each, from begin to the receiver's ack."""
-    parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_grpc_receiver, args=(src.shape, child))
-    proc.start()
-    endpoint = parent.recv()
+    proc, conn = _receiver(_grpc_receiver, src.shape)
+    endpoint = conn.recv()
     sender = GrpcKVSender(max_chunk_bytes)
     blocks = list(range(src.shape[2]))
-    seconds = []
     try:
-        for i in range(1 + ROUNDS):  # round 0 warms up the channel and both heaps
+        for i in itertools.count():
             request_id = f"bench-{i}"
-            parent.send(request_id)
-            parent.recv()
+            conn.send(request_id)
+            conn.recv()
             start = time.perf_counter()
             sender.begin(request_id, endpoint)
             for layer in range(src.shape[0]):
                 sender.send_layer(request_id, src, layer, blocks, blocks)
             sender.finish(request_id, 0, 1, timeout_s=600)  # returns on the ack
-            seconds.append(time.perf_counter() - start)
-            parent.send("check")
-            if parent.recv() != _crc(src):
+            elapsed = time.perf_counter() - start
+            conn.send("check")
+            if conn.recv() != _crc(src):
                 raise RuntimeError("gRPC bench: pages did not land intact")
-        return seconds[1:]
+            yield elapsed
     finally:
-        parent.send(None)
+        conn.send(None)
         sender.close()
         proc.join(30)
 
@@ -134,74 +142,84 @@ def _bare_grpc_receiver(shape, conn) -> None:
     server.stop(1.0)
 
 
-def _bare_grpc_seconds(src: torch.Tensor, chunk_bytes: int) -> list[float]:
+def _bare_grpc_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
     """Seconds per round: one Push of `src` as chunk_bytes messages, to the server's reply."""
     out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
-    parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_bare_grpc_receiver, args=(src.shape, child))
-    proc.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{parent.recv()}", options=GRPC_OPTIONS)
+    proc, conn = _receiver(_bare_grpc_receiver, src.shape)
+    channel = grpc.insecure_channel(f"127.0.0.1:{conn.recv()}", options=GRPC_OPTIONS)
     push = channel.stream_unary(
         _BARE_METHOD, request_serializer=_identity, response_deserializer=_identity
     )
-    seconds = []
     try:
-        for _ in range(1 + ROUNDS):
+        while True:
             start = time.perf_counter()
             # bytes(): the one copy a message needs to exist as the `bytes` grpcio sends
             push(bytes(out[o : o + chunk_bytes]) for o in range(0, out.nbytes, chunk_bytes))
-            seconds.append(time.perf_counter() - start)
-            parent.send("check")
-            if parent.recv() != _crc(src):
+            elapsed = time.perf_counter() - start
+            conn.send("check")
+            if conn.recv() != _crc(src):
                 raise RuntimeError("bare gRPC bench: bytes did not land intact")
-        return seconds[1:]
+            yield elapsed
     finally:
-        parent.send(None)
+        conn.send(None)
         channel.close()
         proc.join(30)
 
 
-def _socket_receiver(shape, port_conn, chunk_bytes: int) -> None:
+def _socket_receiver(shape, chunk_bytes: int, conn) -> None:
     dst = torch.zeros(shape)
     into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
     listener = socket.create_server(("127.0.0.1", 0))
-    port_conn.send(listener.getsockname()[1])
-    for _ in range(1 + ROUNDS):
+    conn.send(listener.getsockname()[1])
+    while conn.recv() is not None:  # "go" before each round
         dst.zero_()
-        conn, _ = listener.accept()
-        with conn:
+        peer, _ = listener.accept()
+        with peer:
             got = 0
             while got < into.nbytes:
-                n = conn.recv_into(into[got:], min(chunk_bytes, into.nbytes - got))
+                n = peer.recv_into(into[got:], min(chunk_bytes, into.nbytes - got))
                 if n == 0:
                     raise RuntimeError("socket bench: peer closed early")
                 got += n
-            conn.sendall(b"k")  # the ack
-        port_conn.send(_crc(dst))
+            peer.sendall(b"k")  # the ack
+        conn.send(_crc(dst))
     listener.close()
 
 
-def _socket_seconds(src: torch.Tensor, chunk_bytes: int) -> list[float]:
+def _socket_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
     """Seconds per round, from connect to the receiver's ack of the last byte."""
     out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
-    parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(
-        target=_socket_receiver, args=(src.shape, child, chunk_bytes)
-    )
-    proc.start()
-    port = parent.recv()
-    seconds = []
-    for _ in range(1 + ROUNDS):
-        start = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port)) as conn:
-            for offset in range(0, out.nbytes, chunk_bytes):
-                conn.sendall(out[offset : offset + chunk_bytes])
-            conn.recv(1)
-        seconds.append(time.perf_counter() - start)
-        if parent.recv() != _crc(src):
-            raise RuntimeError("socket bench: bytes did not land intact")
-    proc.join(30)
-    return seconds[1:]
+    proc, conn = _receiver(_socket_receiver, src.shape, chunk_bytes)
+    port = conn.recv()
+    try:
+        while True:
+            conn.send("go")
+            start = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port)) as peer:
+                for offset in range(0, out.nbytes, chunk_bytes):
+                    peer.sendall(out[offset : offset + chunk_bytes])
+                peer.recv(1)
+            elapsed = time.perf_counter() - start
+            if conn.recv() != _crc(src):
+                raise RuntimeError("socket bench: bytes did not land intact")
+            yield elapsed
+    finally:
+        conn.send(None)
+        proc.join(30)
+
+
+def _interleaved_medians(paths: dict[str, Iterator[float]]) -> dict[str, float]:
+    """Median seconds of each path over ROUNDS rounds, the paths taking turns in each
+    round so that a slow spell of the machine hits them all alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for _ in range(1 + ROUNDS):  # round 0 warms up the channels and the heaps
+            for name, rounds in paths.items():
+                seconds[name].append(next(rounds))
+    finally:
+        for rounds in paths.values():
+            rounds.close()  # type: ignore[attr-defined]
+    return {name: statistics.median(s[1:]) for name, s in seconds.items()}
 
 
 def measure_grpc_bandwidth(
@@ -216,9 +234,14 @@ def measure_grpc_bandwidth(
     try:
         src = torch.randn(_shape(total_bytes))
         nbytes = src.numel() * src.element_size()
-        grpc_s = statistics.median(_grpc_seconds(src, max_chunk_bytes))
-        socket_s = statistics.median(_socket_seconds(src, max_chunk_bytes))
-        bare_s = statistics.median(_bare_grpc_seconds(src, max_chunk_bytes))
+        medians = _interleaved_medians(
+            {
+                "grpc": _grpc_rounds(src, max_chunk_bytes),
+                "socket": _socket_rounds(src, max_chunk_bytes),
+                "bare": _bare_grpc_rounds(src, max_chunk_bytes),
+            }
+        )
+        grpc_s, socket_s, bare_s = medians["grpc"], medians["socket"], medians["bare"]
     finally:
         torch.set_num_threads(threads)
     grpc_gbps, socket_gbps = nbytes / grpc_s / 1e9, nbytes / socket_s / 1e9

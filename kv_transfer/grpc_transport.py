@@ -3,16 +3,16 @@
     prefill worker (GrpcKVSender)                    decode worker (GrpcKVServer)
     begin(id, "host:port") ── opens Push ─────────>  handler thread for the call
     send_layer(id, kv, l, src, dst)                  for each KVChunk{page}:
-      copy kv[l, :, src] out (caller's thread),        crc32c/dtype/shape check,
-      enqueue; gRPC's stream thread computes crc32c,   table.landing(header) (blocks reserved?),
-      encodes and sends ─── KVChunk{page} ───────>     write into kv[l, :, dst] (one copy)
+      gather kv[l, :, src] straight into KVChunk       crc32c/dtype/shape check,
+      messages, crc32c (caller's thread), enqueue;     table.landing(header) (blocks reserved?),
+      gRPC's stream thread sends ─ KVChunk{page} ──>   write into kv[l, :, dst] (one copy)
     finish(id, token, n) ─── KVChunk{done} ──────>   table.on_done -> READY: on_ready(transfer)
       waits for the reply <── PushReply{READY} ────                  FAILED: on_failed(transfer)
     any error: KVTransferError in the prefill;       bad page / unknown request: transfer
       its own KV is released by its owner            FAILED, call aborted with a status
 
-Pages are framed by kv_transfer.grpc_codec: payload copied once on send, viewed
-(not copied) on receive; the bytes on the wire are ordinary KVChunks.
+Pages are framed by kv_transfer.grpc_codec: gathered once into the message on
+send, viewed (not copied) on receive; the bytes on the wire are ordinary KVChunks.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from kv_transfer.errors import (
 )
 from kv_transfer.grpc_codec import (
     InboundPage,
-    OutboundPages,
     decode_chunk,
     encode_chunk,
+    encode_page,
     header_from_proto,
 )
 from kv_transfer.heap import retain_freed_memory
@@ -44,7 +44,6 @@ from kv_transfer.pages import (
     block_chunks,
     block_nbytes,
     check_page,
-    gather_pages,
     write_pages,
 )
 from kv_transfer.state import KVTransfer, TransferState, TransferTable
@@ -178,7 +177,7 @@ class GrpcKVSender:
     """Streams a request's pages to a decode worker's GrpcKVServer, layer by layer."""
 
     def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
-        retain_freed_memory()  # gathered pages and encoded messages: reuse heap memory
+        retain_freed_memory()  # encoded messages: reuse heap memory
         self.max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
         self._channels: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
@@ -220,16 +219,16 @@ class GrpcKVSender:
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
     ) -> None:
-        """Copy layer `layer`'s pages out now; they are checksummed and sent in the background."""
+        """Copy layer `layer`'s pages into their messages now; they are sent in the background."""
         push = self._push(request_id)
         if push.future.done():  # the call already failed: stop computing for nothing
             self._raise_for(request_id, push, timeout_s=0.0)
         if len(src_block_ids) != len(dst_block_ids):
             raise KVTransferError(f"{request_id}: {len(src_block_ids)} src vs {len(dst_block_ids)}")
         for run in block_chunks(len(src_block_ids), block_nbytes(kv_cache), self.max_chunk_bytes):
-            pages = gather_pages(kv_cache, layer, [src_block_ids[i] for i in run]).cpu()
-            dst = tuple(int(dst_block_ids[i]) for i in run)
-            push.outbound.put(OutboundPages(request_id, layer, dst, pages))
+            src = [src_block_ids[i] for i in run]
+            dst = [dst_block_ids[i] for i in run]
+            push.outbound.put(encode_page(request_id, kv_cache, layer, src, dst))
 
     def finish(
         self, request_id: str, first_token_id: int, num_prompt_tokens: int, timeout_s: float = 30

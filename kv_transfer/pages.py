@@ -93,6 +93,20 @@ def gather_pages(kv_cache: torch.Tensor, layer: int, src_block_ids: Sequence[int
     return kv_cache[layer].index_select(1, index)
 
 
+def gather_pages_into(
+    out: torch.Tensor, kv_cache: torch.Tensor, layer: int, src_block_ids: Sequence[int]
+) -> None:
+    """Copy kv[layer, :, src_block_ids] into `out`, a flat uint8 CPU tensor of their size
+    (e.g. over a message buffer: any alignment, as the copy runs on bytes)."""
+    layer_bytes = kv_cache[layer].view(torch.uint8)  # [2, blocks, block_size, heads, dim*size]
+    pages = out.view(2, len(src_block_ids), *layer_bytes.shape[2:])
+    index = torch.tensor(list(src_block_ids), dtype=torch.long, device=kv_cache.device)
+    if kv_cache.device.type == "cpu":
+        torch.index_select(layer_bytes, 1, index, out=pages)
+    else:  # gather on the device, then one copy to the host
+        pages.copy_(layer_bytes.index_select(1, index))
+
+
 def payload_view(pages: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (keeps the tensor alive)."""
     if pages.device.type != "cpu" or not pages.is_contiguous():
