@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `splitserve generate ... | head -1`: the reader left
+        # point stdout at /dev/null so that the interpreter's final flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process killed by SIGPIPE
 
 
 if __name__ == "__main__":
