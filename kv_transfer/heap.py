@@ -1,11 +1,11 @@
 """Keep large freed buffers in the process heap instead of handing them back to the kernel.
 
-Each KV chunk allocates a few MiB on both ends: the gathered pages, the encoded
-message, gRPC's copy of it, the received bytes. glibc serves blocks over its
+Each KV chunk allocates a few MiB on both ends: the message the pages are
+gathered into, gRPC's copy of it, the received bytes. glibc serves blocks over its
 (adaptive) mmap threshold with fresh mmap()s and gives freed memory at the top of
 a heap back with trim/madvise, so chunk after chunk paid page faults and page
 zeroing in the kernel. With fixed thresholds the same memory is reused: the gRPC
-KV bench on the dev box goes from ~0.9 to ~1.3 GB/s. The cost is that up to
+KV bench on the dev box went from ~0.9 to ~1.2 GB/s. The cost is that up to
 `trim_threshold` of freed memory stays mapped per heap.
 """
 
