@@ -26,7 +26,6 @@ import statistics
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent import futures
 from multiprocessing.connection import Connection
@@ -37,7 +36,7 @@ import torch
 
 from kv_transfer.grpc_transport import GRPC_OPTIONS, GrpcKVSender, GrpcKVServer
 from kv_transfer.heap import retain_freed_memory
-from kv_transfer.pages import DEFAULT_MAX_CHUNK_BYTES
+from kv_transfer.pages import DEFAULT_MAX_CHUNK_BYTES, payload_checksum, payload_view
 from kv_transfer.state import TransferTable
 
 # a layer's pages: [2, 64 blocks, 16 tokens, 8 kv heads, 128 head dim] f32 = 8 MiB
@@ -50,7 +49,14 @@ def _shape(total_bytes: int) -> tuple[int, ...]:
 
 
 def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(memoryview(t.view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
+    return payload_checksum(payload_view(t))
+
+
+def _check_landed(conn: Connection, src: torch.Tensor, path: str) -> None:
+    """Ask the receiver for its destination's checksum after a round; it must match src's."""
+    conn.send("check")
+    if conn.recv() != _crc(src):
+        raise RuntimeError(f"{path} bench: bytes did not land intact")
 
 
 ROUNDS = 5  # timed rounds per path, after one untimed full-size round; the median counts
@@ -96,9 +102,7 @@ def _grpc_rounds(src: torch.Tensor, max_chunk_bytes: int) -> Iterator[float]:
                 sender.send_layer(request_id, src, layer, blocks, blocks)
             sender.finish(request_id, 0, 1, timeout_s=600)  # returns on the ack
             elapsed = time.perf_counter() - start
-            conn.send("check")
-            if conn.recv() != _crc(src):
-                raise RuntimeError("gRPC bench: pages did not land intact")
+            _check_landed(conn, src, "gRPC")
             yield elapsed
     finally:
         conn.send(None)
@@ -117,7 +121,7 @@ def _bare_grpc_receiver(shape, conn) -> None:
     """A server whose Push copies each message into `dst` in order, and acks the count."""
     retain_freed_memory()
     dst = torch.zeros(shape)
-    into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    into = payload_view(dst)
 
     def push(messages, _context) -> bytes:
         got = 0
@@ -144,7 +148,7 @@ def _bare_grpc_receiver(shape, conn) -> None:
 
 def _bare_grpc_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
     """Seconds per round: one Push of `src` as chunk_bytes messages, to the server's reply."""
-    out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    out = payload_view(src)
     proc, conn = _receiver(_bare_grpc_receiver, src.shape)
     channel = grpc.insecure_channel(f"127.0.0.1:{conn.recv()}", options=GRPC_OPTIONS)
     push = channel.stream_unary(
@@ -156,9 +160,7 @@ def _bare_grpc_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
             # bytes(): the one copy a message needs to exist as the `bytes` grpcio sends
             push(bytes(out[o : o + chunk_bytes]) for o in range(0, out.nbytes, chunk_bytes))
             elapsed = time.perf_counter() - start
-            conn.send("check")
-            if conn.recv() != _crc(src):
-                raise RuntimeError("bare gRPC bench: bytes did not land intact")
+            _check_landed(conn, src, "bare gRPC")
             yield elapsed
     finally:
         conn.send(None)
@@ -168,7 +170,7 @@ def _bare_grpc_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
 
 def _socket_receiver(shape, chunk_bytes: int, conn) -> None:
     dst = torch.zeros(shape)
-    into = memoryview(dst.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    into = payload_view(dst)
     listener = socket.create_server(("127.0.0.1", 0))
     conn.send(listener.getsockname()[1])
     while conn.recv() is not None:  # "go" before each round
@@ -182,13 +184,14 @@ def _socket_receiver(shape, chunk_bytes: int, conn) -> None:
                     raise RuntimeError("socket bench: peer closed early")
                 got += n
             peer.sendall(b"k")  # the ack
+        conn.recv()  # "check"
         conn.send(_crc(dst))
     listener.close()
 
 
 def _socket_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
     """Seconds per round, from connect to the receiver's ack of the last byte."""
-    out = memoryview(src.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+    out = payload_view(src)
     proc, conn = _receiver(_socket_receiver, src.shape, chunk_bytes)
     port = conn.recv()
     try:
@@ -200,8 +203,7 @@ def _socket_rounds(src: torch.Tensor, chunk_bytes: int) -> Iterator[float]:
                     peer.sendall(out[offset : offset + chunk_bytes])
                 peer.recv(1)
             elapsed = time.perf_counter() - start
-            if conn.recv() != _crc(src):
-                raise RuntimeError("socket bench: bytes did not land intact")
+            _check_landed(conn, src, "socket")
             yield elapsed
     finally:
         conn.send(None)
