@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.splitserve-installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup serve generate test lint bench
+.PHONY: setup serve generate test lint bench proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,14 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine router prefill_worker decode_worker kv_transfer bench
+	$(BIN)/mypy engine router prefill_worker decode_worker kv_transfer bench splitserve
 
 bench: setup
 	$(BIN)/splitserve bench offline
+
+# Regenerate splitserve_proto/*_pb2*.py* from proto/*.proto (grpcio-tools is a dev extra).
+# The virtual include root keeps each file's proto name `splitserve_proto/<name>.proto`,
+# so the generated *_pb2_grpc.py import `from splitserve_proto import <name>_pb2`.
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Isplitserve_proto=proto --python_out=. --pyi_out=. \
+	  --grpc_python_out=. proto/generation.proto proto/kv_transfer.proto

@@ -64,7 +64,7 @@ class ServerProcess:
             [
                 sys.executable,
                 "-m",
-                "router.cli",
+                "splitserve",
                 "serve",
                 "--port",
                 str(self.port),

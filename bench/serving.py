@@ -29,7 +29,7 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_kv(args: argparse.Namespace) -> int:
-    from kv_transfer.bench import measure_grpc_bandwidth
+    from bench.kv_bandwidth import measure_grpc_bandwidth
 
     if args.mib <= 0:
         raise InvalidRequestError("--mib must be positive")

@@ -22,38 +22,30 @@ from engine.engine_loop import EngineLoop, TokenDelta
 from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
+from engine.threads import set_threads
 from kv_transfer.state import KVTransfer, TransferTable
 from kv_transfer.ticket import Ticket
-from prefill_worker.worker import set_threads
+from kv_transfer.transport import TransportConfig, make_receiver, node_address
 
 LEASE_S = 60.0  # a reservation whose pages have not all landed by then is reclaimed
 
 
 class DecodeWorker:
-    def __init__(self, name: str, config: EngineConfig, kv_transport: str = "grpc"):
+    def __init__(self, name: str, config: EngineConfig, transport: TransportConfig | None = None):
         set_threads(config)
         self.name = name
         self.engine = LLMEngine(config)
         self.loop = EngineLoop(self.engine, name=f"{name}-loop")
         self.table = TransferTable()
-        self.kv_transport = kv_transport
+        self.transport = transport or TransportConfig()
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._aio: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task | None = None
-        self._receiver = self._start_receiver(kv_transport)
-        self.endpoint = getattr(self._receiver, "endpoint", "")
-
-    def _start_receiver(self, kv_transport: str):
         kv = self.engine.runner.kv_cache
-        if kv_transport == "collective":
-            from kv_transfer.collective_transport import CollectiveKVReceiver
-
-            return CollectiveKVReceiver(kv, self.table, self._on_ready, self._on_failed)
-        from kv_transfer.grpc_transport import GrpcKVServer
-
-        server = GrpcKVServer(kv, self.table, self._on_ready, on_failed=self._on_failed)
-        server.endpoint = server.start()
-        return server
+        self._receiver: Any = make_receiver(
+            self.transport, kv, self.table, self._on_ready, self._on_failed, name
+        )
+        self.endpoint = self._receiver.endpoint
 
     # ---- info ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -63,6 +55,9 @@ class DecodeWorker:
             "max_model_len": self.engine.max_model_len,
             "vocab_size": c.vocab_size,
             "num_layers": c.num_layers,
+            "kv_blocks_total": self.engine.scheduler.allocator.num_blocks,
+            "block_size": self.engine.config.block_size,
+            "node": node_address(),
             "endpoint": self.endpoint,
         }
 
@@ -174,10 +169,7 @@ class DecodeWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
-        if self.kv_transport == "collective":
-            self._receiver.leave_all()
-        else:
-            self._receiver.stop()
+        self._receiver.close()
 
 
 async def _drain(queue: asyncio.Queue[TokenDelta]) -> AsyncIterator[list[TokenDelta]]:

@@ -193,6 +193,8 @@ class LLMEngine:
             "kv_blocks_total": s.allocator.num_blocks,
             "preemptions": self.stats.preemptions,
             "steps": self.stats.steps,
+            "prefix_hit_tokens": s.prefix_hit_tokens,
+            "prefix_query_tokens": s.prefix_query_tokens,
         }
 
     def has_unfinished(self) -> bool:

@@ -96,6 +96,7 @@ class Scheduler:
         self.held: dict[str, Sequence] = {}  # prefill-only, finished, KV not yet released
         self.padding: list[Sequence] = []  # static: finished members still in the batch
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
 
     # ---- requests in and out -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -243,6 +244,7 @@ class Scheduler:
             if not seq.blocks.block_ids:
                 seq.num_computed_tokens = self.kv.match_prefix(seq.blocks, seq.token_ids)
                 self.prefix_hit_tokens += seq.num_computed_tokens
+                self.prefix_query_tokens += len(seq.token_ids)
             want = seq.num_uncomputed_tokens
             n = want if ignore_budget else min(want, budget)
             fits_whole_budget = want <= cfg.max_num_batched_tokens
@@ -263,6 +265,7 @@ class Scheduler:
     def _unmatch(self, seq: Sequence) -> None:
         """Drop prefix-cache references of a sequence that could not be admitted."""
         self.prefix_hit_tokens -= seq.num_computed_tokens
+        self.prefix_query_tokens -= len(seq.token_ids)
         self.kv.release(seq.blocks)
         seq.num_computed_tokens = 0
 

@@ -70,6 +70,7 @@ class CollectiveKVReceiver:
         self.kv_cache, self.table = kv_cache, table
         self.on_ready, self.on_failed = on_ready, on_failed
         self._groups: set[str] = set()
+        self.endpoint = ""  # set by kv_transfer.transport: the node and actor, for /status
         pair_gloo.register()
 
     def join(self, group_name: str, backend: str) -> None:
@@ -84,6 +85,9 @@ class CollectiveKVReceiver:
     def leave_all(self) -> None:
         for group_name in list(self._groups):
             self.leave(group_name)
+
+    def close(self) -> None:
+        self.leave_all()
 
     def recv_layer(self, group_name: str, header: KVPageHeader) -> None:
         """Receive the tensor the sender is sending now, then check and land it."""
@@ -142,8 +146,16 @@ _STOP = object()
 class _PeerLink:
     """One decode worker: its group, and the thread that sends to it in order."""
 
-    def __init__(self, sender_name: str, endpoint, backend: str | None, timeout_s: float):
-        self.handle = ray.get_actor(endpoint) if isinstance(endpoint, str) else endpoint
+    def __init__(
+        self,
+        sender_name: str,
+        endpoint,
+        backend: str | None,
+        timeout_s: float,
+        namespace: str | None = None,
+    ):
+        named = isinstance(endpoint, str)
+        self.handle = ray.get_actor(endpoint, namespace=namespace) if named else endpoint
         peer = endpoint if isinstance(endpoint, str) else endpoint._actor_id.hex()[:12]
         self.base_name = f"kv/{sender_name}->{peer}"
         self.backend, self.timeout_s = backend, timeout_s
@@ -222,9 +234,11 @@ class CollectiveKVSender:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         backend: str | None = None,
         timeout_s: float = 60.0,
+        namespace: str | None = None,
     ) -> None:
         pair_gloo.register()
         self.name, self.max_chunk_bytes = name, max_chunk_bytes
+        self.namespace = namespace  # where named decode actors are looked up
         self.backend, self.timeout_s = backend, timeout_s
         self._lock = threading.Lock()
         self._peers: dict[object, _PeerLink] = {}
@@ -233,7 +247,9 @@ class CollectiveKVSender:
     def begin(self, request_id: str, endpoint) -> None:
         with self._lock:
             if endpoint not in self._peers:
-                self._peers[endpoint] = _PeerLink(self.name, endpoint, self.backend, self.timeout_s)
+                self._peers[endpoint] = _PeerLink(
+                    self.name, endpoint, self.backend, self.timeout_s, self.namespace
+                )
             self._requests[request_id] = self._peers[endpoint]
 
     def _peer(self, request_id: str) -> _PeerLink:

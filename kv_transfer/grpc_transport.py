@@ -111,6 +111,9 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s).wait(grace_s + 1.0)
 
+    def close(self) -> None:
+        self.stop()
+
     def Push(  # noqa: N802
         self, request_iterator: Iterator[pb.KVChunk | InboundPage], context
     ) -> pb.PushReply:

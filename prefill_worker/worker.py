@@ -11,10 +11,7 @@ abort(id) or a failed transfer ──> own KV released, router told
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
-
-import torch
 
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop, TokenDelta, stream
@@ -23,25 +20,23 @@ from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
+from engine.threads import set_threads
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
-
-ACTOR_NAMESPACE = "splitserve"  # where the router creates the pools' named actors
+from kv_transfer.transport import TransportConfig, make_sender, node_address, peer_of
 
 
 class PrefillAborted(SplitServeError):
     """The request was aborted (or its transfer failed) before its first token was sent."""
 
 
-def set_threads(config: EngineConfig) -> None:
-    """Torch threads from the actor's CPU share, so workers do not fight over cores."""
-    n = config.num_threads or int(os.environ.get("SPLITSERVE_WORKER_THREADS", "0")) or 1
-    torch.set_num_threads(max(1, n))
-
-
 class PrefillWorker:
     def __init__(
-        self, name: str, config: EngineConfig, kv_transport: str = "grpc", layerwise: bool = True
+        self,
+        name: str,
+        config: EngineConfig,
+        transport: TransportConfig | None = None,
+        layerwise: bool = True,
     ):
         set_threads(config)
         self.name = name
@@ -51,31 +46,23 @@ class PrefillWorker:
         self.num_layers = self.engine.model_config.num_layers
         self._tickets: dict[str, Ticket] = {}
         self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
-        self.kv_transport = kv_transport
-        self.sender = self._make_sender(kv_transport)
+        self.transport = transport or TransportConfig()
+        self.sender = make_sender(self.transport, name)
         self.loop = EngineLoop(
             self.engine, name=f"{name}-loop", layer_hook=self._on_layer, prefill_only=True
         )
 
-    def _make_sender(self, kv_transport: str):
-        if kv_transport == "collective":
-            from kv_transfer.collective_transport import CollectiveKVSender
-
-            return CollectiveKVSender(self.name)
-        from kv_transfer.grpc_transport import GrpcKVSender
-
-        return GrpcKVSender()
-
-    def _peer(self, ticket: Ticket):
-        """gRPC: the decode worker's KV server address; collective: its actor handle."""
-        if self.kv_transport == "grpc":
-            return ticket.endpoint
-        import ray
-
-        return ray.get_actor(ticket.decode_worker, namespace=ACTOR_NAMESPACE)
-
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "max_model_len": self.engine.max_model_len}
+        c = self.engine.model_config
+        return {
+            "name": self.name,
+            "max_model_len": self.engine.max_model_len,
+            "vocab_size": c.vocab_size,
+            "kv_blocks_total": self.engine.scheduler.allocator.num_blocks,
+            "block_size": self.block_size,
+            "node": node_address(),
+            "endpoint": "",
+        }
 
     async def status(self) -> dict[str, Any]:
         return await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
@@ -85,7 +72,7 @@ class PrefillWorker:
     ) -> SampledToken:
         self._tickets[request_id] = ticket
         self._sent_upto[request_id] = 0
-        self.sender.begin(request_id, self._peer(ticket))
+        self.sender.begin(request_id, peer_of(self.transport, ticket))
         first: TokenDelta | None = None
         try:
             async for delta in stream(self.loop, request_id, prompt_token_ids, params):

@@ -5,6 +5,7 @@ POST /v1/completions, /v1/chat/completions
     stream: SSE `data: {chunk}` ... `data: [DONE]`; client gone -> request aborted
     else:   one JSON body with usage
 GET /v1/models, /health, /metrics (Prometheus), /status (the backend's own report)
+POST /admin/scale (router.admin_api)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
+from router.admin_api import add_admin_routes
 from router.backend import Backend, validate_prompt
 from router.detokenize import TextDelta, stream_text
 from router.metrics import RequestTracker, RouterMetrics
@@ -105,6 +107,7 @@ def create_app(backend: Backend, metrics: RouterMetrics | None = None) -> FastAP
     async def status() -> Response:
         return Response(msgspec.json.encode(await backend.status()), media_type=_JSON)
 
+    add_admin_routes(app, backend)
     return app
 
 

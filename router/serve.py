@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 
 from engine.engine_config import EngineConfig
 
@@ -24,6 +23,34 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send KV after the whole prefill instead of layer by layer",
     )
+    p.add_argument(
+        "--kv-host",
+        default="",
+        help="address decode workers' KV servers listen on (default: each one's node address)",
+    )
+    p.add_argument(
+        "--placement",
+        default="auto",
+        choices=["auto", "roles", "any"],
+        help="auto: use node role resources (splitserve_prefill / splitserve_decode) where "
+        "nodes offer them; roles: require them; any: ignore them",
+    )
+    p.add_argument(
+        "--prefill-routing",
+        default="prefix",
+        choices=["prefix", "least-loaded", "random"],
+        help="how a prompt's prefill worker is picked (prefix: prefix-cache aware)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="Ray CPUs each worker asks for (default: the cluster's CPUs shared by the workers, "
+        "at most 1; fractional shares leave room to scale up)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=60.0, help="seconds a removed worker may drain"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=50051)
@@ -31,6 +58,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--address",
         default=None,
         help="Ray cluster to join (auto|HOST:PORT); default: start a local one",
+    )
+    p.add_argument(
+        "--node-ip-address",
+        default=None,
+        help="this node's address in the cluster, when it has several (with --address)",
     )
     p.add_argument(
         "--dashboard-port",
@@ -47,11 +79,35 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None)
 
 
-def _init_ray(address: str | None, dashboard_port: int = DASHBOARD_PORT) -> str:
+def _check_reachable(address: str) -> None:
+    """A one-line error for a cluster address nobody answers at (ray.init would retry)."""
+    import socket
+
+    from engine.errors import SplitServeError
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SplitServeError(f"--address must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise SplitServeError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+def _init_ray(
+    address: str | None, dashboard_port: int = DASHBOARD_PORT, node_ip: str | None = None
+) -> str:
     import ray
 
     if address:
-        ray.init(address=address, namespace="splitserve", logging_level=logging.WARNING)
+        if address != "auto":
+            _check_reachable(address)
+        ray.init(
+            address=address,
+            namespace="splitserve",
+            logging_level=logging.WARNING,
+            _node_ip_address=node_ip,
+        )
         return "(the cluster's own dashboard)"
     ray.init(
         num_cpus=os.cpu_count(),
@@ -64,13 +120,23 @@ def _init_ray(address: str | None, dashboard_port: int = DASHBOARD_PORT) -> str:
     return f"http://127.0.0.1:{dashboard_port}"
 
 
+def _cpus_per_worker(asked: float | None, cpus: float, workers: int, use_gpu: bool) -> float:
+    from engine.errors import SplitServeError
+
+    if asked is not None:
+        if asked <= 0:
+            raise SplitServeError(f"--cpus-per-worker must be positive, got {asked}")
+        return asked
+    return 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 0.25) / workers))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import ray
 
     from router.pools import PoolConfig, RayBackend
     from router.servers import serve_all
 
-    dashboard = _init_ray(args.address, args.dashboard_port)
+    dashboard = _init_ray(args.address, args.dashboard_port, args.node_ip_address)
     workers = args.prefill + args.decode
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = gpus >= workers
@@ -91,8 +157,12 @@ def run_serve(args: argparse.Namespace) -> int:
         num_decode=args.decode,
         mode=args.mode,
         kv_transport=args.kv_transport,
+        kv_host=args.kv_host,
         layerwise=not args.no_layerwise,
-        cpus_per_worker=max(0.1, min(1.0, (cpus - 0.25) / workers)) if not use_gpu else 1.0,
+        placement=args.placement,
+        prefill_routing=args.prefill_routing,
+        drain_timeout_s=args.drain_timeout,
+        cpus_per_worker=_cpus_per_worker(args.cpus_per_worker, cpus, workers, use_gpu),
         gpus_per_worker=1.0 if use_gpu else 0.0,
     )
     print(
@@ -118,32 +188,4 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         backend.shutdown()
         ray.shutdown()
-    return 0
-
-
-def run_status(args: argparse.Namespace) -> int:
-    import json
-    import urllib.error
-    import urllib.request
-
-    from engine.errors import SplitServeError
-
-    url = args.url.rstrip("/") + "/status"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            status = json.load(resp)
-    except (urllib.error.URLError, OSError) as exc:
-        raise SplitServeError(f"cannot reach splitserve at {url}: {exc}") from None
-    if args.json:
-        json.dump(status, sys.stdout, indent=2)
-        print()
-        return 0
-    print(
-        f"model {status.get('model')}  mode {status.get('mode')}  "
-        f"kv transport {status.get('kv_transport', '-')}"
-    )
-    print(f"{'worker':<12}{'role':<14}{'running':>8}{'waiting':>8}{'kv used/total':>16}")
-    for w in status.get("workers", []):
-        kv = f"{w['kv_blocks_used']}/{w['kv_blocks_total']}"
-        print(f"{w['name']:<12}{w['role']:<14}{w['running']:>8}{w['waiting']:>8}{kv:>16}")
     return 0

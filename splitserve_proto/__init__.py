@@ -1,1 +1,1 @@
-"""Protocol buffers for splitserve and their generated Python modules."""
+"""The generated Python modules of the protocol buffers in proto/ (`make proto` rebuilds them)."""

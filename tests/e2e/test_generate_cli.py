@@ -15,7 +15,7 @@ def test_generate_chat_answers_paris():
         [
             sys.executable,
             "-m",
-            "router.cli",
+            "splitserve",
             "generate",
             "--chat",
             "--max-tokens",

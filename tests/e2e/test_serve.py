@@ -197,7 +197,7 @@ def test_bad_input_is_rejected_and_server_keeps_serving(server, client):
 
 def test_status_cli_prints_the_pools(server):
     r = subprocess.run(
-        [sys.executable, "-m", "router.cli", "status", "--url", server.base, "--json"],
+        [sys.executable, "-m", "splitserve", "status", "--url", server.base, "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -207,7 +207,7 @@ def test_status_cli_prints_the_pools(server):
     assert {w["role"] for w in workers} <= {"prefill", "decode", "colocated"}
     assert all(w["kv_blocks_total"] > 0 for w in workers)
     r = subprocess.run(
-        [sys.executable, "-m", "router.cli", "status", "--url", "http://127.0.0.1:9"],
+        [sys.executable, "-m", "splitserve", "status", "--url", "http://127.0.0.1:9"],
         capture_output=True,
         text=True,
         timeout=60,

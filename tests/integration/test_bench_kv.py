@@ -12,7 +12,7 @@ import pytest
 
 def _bench_kv(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "router.cli", "bench", "kv", *args],
+        [sys.executable, "-m", "splitserve", "bench", "kv", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,7 +9,7 @@ import pytest
 from tiny_model import make_tiny_checkpoint
 from tokenizers import Tokenizer
 
-from router.cli import main
+from splitserve.cli import main
 
 
 @pytest.mark.timeout(300)

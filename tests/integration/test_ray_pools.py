@@ -73,7 +73,8 @@ def test_pools_generate_like_offline_and_free_kv(ray_session, tiny, expected, mo
         PoolConfig(engine=engine, mode=mode, kv_transport=transport, cpus_per_worker=0.5)
     )
     try:
-        want = ["decode-0", "prefill-0"] if mode == "disaggregated" else ["decode-0", "decode-1"]
+        disaggregated = mode == "disaggregated"
+        want = ["decode-0", "prefill-0"] if disaggregated else ["colocated-0", "colocated-1"]
         for name in want:  # named actors, found the way an operator would
             assert ray.get_actor(name, namespace="splitserve") is not None
 

@@ -15,7 +15,7 @@ from tiny_model import make_tiny_checkpoint, write_tiny_gguf
 def splitserve(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "router.cli", *args],
+        [sys.executable, "-m", "splitserve", *args],
         capture_output=True,
         text=True,
         timeout=120,

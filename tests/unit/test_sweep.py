@@ -6,7 +6,7 @@ import pytest
 
 from bench import sweep
 from bench.sweep import Point, goodput_at, next_rate
-from router.cli import main
+from splitserve.cli import main
 
 
 def test_goodput_interpolates_at_the_first_crossing():

@@ -1,4 +1,7 @@
-"""The `splitserve` command line: serve, status, generate (offline), bench.
+"""The `splitserve` command line: serve, status, scale, generate (offline), bench.
+
+A thin entry: each subcommand parses its arguments and hands them to router
+(serve, status, scale), bench or engine (generate); no package imports this one.
 
 Bad input ends with one line on stderr (`error: ...`) and exit status 2,
 never a traceback.
@@ -57,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from router.serve import run_status
+    from router.admin_client import run_status
 
     return run_status(args)
 
@@ -68,10 +71,9 @@ def _bench(args: argparse.Namespace) -> int:
     return run_offline_bench(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+# One function a subcommand: a new one is a `_add_<name>(sub)` below and one line in
+# `build_parser`. Each imports its package only when it builds its subparser.
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gen = sub.add_parser("generate", help="generate offline for one prompt")
     _add_engine_args(gen)
     gen.add_argument("--prompt", required=True)
@@ -83,51 +85,78 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_generate)
 
-    serve = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs on Ray pools")
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from router.serve import add_serve_args
 
+    serve = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs on Ray pools")
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
 
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser("status", help="print the pools of a running server")
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
 
+
+def _scale(args: argparse.Namespace) -> int:
+    from router.admin_client import run_scale
+
+    return run_scale(args)
+
+
+def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    scale = sub.add_parser("scale", help="resize a running server's pools (drains removed workers)")
+    scale.add_argument("--url", default="http://127.0.0.1:8000")
+    scale.add_argument("--prefill", type=int, default=None, help="prefill workers wanted")
+    scale.add_argument("--decode", type=int, default=None, help="decode workers wanted")
+    scale.add_argument("--colocated", type=int, default=None, help="colocated workers wanted")
+    scale.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to wait for the pools to settle"
+    )
+    scale.set_defaults(func=_scale)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from bench import hf_peer, serve_bench, serving, sweep
+    from bench.offline import add_offline_args
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     offline = bench_sub.add_parser("offline", help="continuous vs static, vs HF, roofline")
-    from bench.offline import add_offline_args
-
     add_offline_args(offline)
     offline.set_defaults(func=_bench)
-    from bench import serving
-
     kv = bench_sub.add_parser("kv", help="KV-transfer bandwidth: gRPC vs raw socket")
     serving.add_kv_args(kv)
     kv.set_defaults(func=serving.run_kv)
     ttft = bench_sub.add_parser("ttft", help="TTFT: disaggregated vs colocated, low load")
     serving.add_ttft_args(ttft)
     ttft.set_defaults(func=serving.run_ttft)
-    from bench import serve_bench
-
     serve = bench_sub.add_parser("serve", help="load-test a running server (vllm bench serve)")
     serve_bench.add_args(serve)
     serve.set_defaults(func=serve_bench.run)
-    from bench import sweep
-
     sweep_parser = bench_sub.add_parser(
         "sweep", help="goodput under TTFT/TPOT SLOs: disaggregated vs colocated, rate sweep"
     )
     sweep.add_args(sweep_parser)
     sweep_parser.set_defaults(func=sweep.run)
-    from bench import hf_peer
-
     peer = bench_sub.add_parser(
         "peer", help="the same load on HF `transformers serve --continuous-batching` and on us"
     )
     hf_peer.add_peer_args(peer)
     peer.set_defaults(func=hf_peer.run_peer_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_serve(sub)
+    _add_status(sub)
+    _add_scale(sub)
+    _add_bench(sub)
     return parser
 
 

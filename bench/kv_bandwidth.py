@@ -14,7 +14,7 @@ The receiver runs in its own process, as a decode worker does, so sender and
 receiver do not share a GIL; time runs from the first byte to the receiver's ack.
 Each path runs one untimed full-size round (a server has warm channels and heaps),
 then ROUNDS timed ones, the three paths taking turns; each path's median counts.
-Run: python -m kv_transfer.bench [total_MiB]
+Run: python -m bench.kv_bandwidth [total_MiB]  (or: splitserve bench kv --mib N)
 """
 
 from __future__ import annotations

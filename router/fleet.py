@@ -1,0 +1,281 @@
+"""The fleet: the only code that creates, places, health-checks, drains and removes workers.
+
+    spawn(role) ──> STARTING: actor created with the role's placement (node resource, GPU)
+        info() answered (model loaded) and status() answered (health) ──> ACTIVE: routable
+    scale down ──> DRAINING: no new prompts or reservations; what it holds finishes
+        in_flight reaches 0 (or drain_timeout_s) ──> shutdown, actor killed ──> removed
+    a call to it fails (actor or node died) ──> DEAD: removed from routing
+
+Names are never reused (prefill-0, prefill-1, ...), so a ticket always means one actor.
+The router's counters (in_flight, queued_tokens) live on `Worker`; `enter`/`leave`
+keep them, and `leave` is what tells a draining worker that it is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from decode_worker.worker import DecodeWorker
+from engine.engine_config import EngineConfig
+from engine.errors import InvalidRequestError, OverloadedError, SplitServeError
+from kv_transfer.transport import TransportConfig
+from prefill_worker.worker import PrefillWorker
+from router.placement import Placement, Role
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    name: str
+    role: Role
+    actor: Any
+    state: WorkerState = WorkerState.STARTING
+    node: str = ""
+    endpoint: str = ""
+    kv_blocks_total: int = 0
+    in_flight: int = 0  # requests routed here and not yet ended
+    queued_tokens: int = 0  # prompt tokens sent here whose prefill has not returned
+    free_blocks: int = 1 << 30  # decode: last known free KV blocks
+    engine: dict[str, int] = field(default_factory=dict)  # last status() snapshot
+    drained: asyncio.Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    engine: EngineConfig
+    placement: Placement
+    transport: TransportConfig = TransportConfig()
+    colocated: bool = False
+    layerwise: bool = True
+    min_workers: int = 1  # per pool
+    max_workers: int = 64  # per pool
+    start_timeout_s: float = 300.0
+    drain_timeout_s: float = 60.0
+    health_timeout_s: float = 10.0
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return (Role.COLOCATED,) if self.colocated else (Role.PREFILL, Role.DECODE)
+
+
+class Fleet:
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.workers: dict[str, Worker] = {}
+        self._next = dict.fromkeys(Role, 0)
+        threads = max(1, math.floor(config.placement.cpus_per_worker))
+        self._engine = (
+            config.engine
+            if config.engine.num_threads
+            else dataclasses.replace(config.engine, num_threads=threads)
+        )
+        self._scaling: asyncio.Lock | None = None
+
+    # ---- membership ---------------------------------------------------------------
+    def members(self, role: Role | None = None) -> list[Worker]:
+        return [w for w in self.workers.values() if role is None or w.role is role]
+
+    def routable(self, role: Role) -> list[Worker]:
+        return [w for w in self.members(role) if w.state is WorkerState.ACTIVE]
+
+    def counts(self) -> dict[Role, int]:
+        """Workers per pool that count toward its size (starting, active)."""
+        live = (WorkerState.STARTING, WorkerState.ACTIVE)
+        return {r: sum(w.state in live for w in self.members(r)) for r in self.config.roles}
+
+    def enter(self, worker: Worker, tokens: int = 0) -> None:
+        worker.in_flight += 1
+        worker.queued_tokens += tokens
+
+    def leave(self, worker: Worker, tokens: int = 0) -> None:
+        worker.in_flight -= 1
+        worker.queued_tokens -= tokens
+        if worker.in_flight == 0 and worker.drained is not None:
+            worker.drained.set()
+
+    def prefill_done(self, worker: Worker, tokens: int) -> None:
+        worker.queued_tokens -= tokens
+
+    # ---- start ------------------------------------------------------------------------
+    def spawn(self, role: Role) -> Worker:
+        """Create a worker actor (STARTING); it is routable only after `_activate`."""
+        index, self._next[role] = self._next[role], self._next[role] + 1
+        name = f"{role.value}-{index}"
+        cfg = self.config
+        options = dict(
+            name=name,
+            namespace=cfg.transport.namespace,
+            max_concurrency=1000,
+            **cfg.placement.options(role),
+        )
+        actor: Any
+        if role is Role.PREFILL:
+            cls = ray.remote(PrefillWorker).options(**options)
+            actor = cls.remote(name, self._engine, cfg.transport, cfg.layerwise)
+        else:
+            actor = (
+                ray.remote(DecodeWorker)
+                .options(**options)
+                .remote(name, self._engine, cfg.transport)
+            )
+        worker = Worker(name, role, actor)
+        self.workers[name] = worker
+        return worker
+
+    def _adopt(self, worker: Worker, info: dict[str, Any], snapshot: dict[str, int]) -> None:
+        worker.node = info.get("node", "")
+        worker.endpoint = info.get("endpoint", "")
+        worker.kv_blocks_total = info.get("kv_blocks_total", 0)
+        worker.engine = snapshot
+        worker.free_blocks = snapshot["kv_blocks_total"] - snapshot["kv_blocks_used"]
+        worker.state = WorkerState.ACTIVE
+
+    def start(self, counts: dict[Role, int]) -> list[dict[str, Any]]:
+        """Blocking start-up of the first pools (before any event loop); their info()."""
+        spawned = [self.spawn(role) for role, n in counts.items() for _ in range(n)]
+        try:
+            timeout = self.config.start_timeout_s
+            infos = ray.get([w.actor.info.remote() for w in spawned], timeout=timeout)
+            snaps = ray.get([w.actor.status.remote() for w in spawned], timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise OverloadedError(_start_timeout_message(self.config)) from None
+        for worker, info, snap in zip(spawned, infos, snaps, strict=True):
+            self._adopt(worker, info, snap)
+        return infos
+
+    async def activate(self, worker: Worker) -> dict[str, Any]:
+        """Wait for the model to load and a health check to pass, then make it routable."""
+        cfg = self.config
+        try:
+            info = await asyncio.wait_for(worker.actor.info.remote(), cfg.start_timeout_s)
+            snap = await asyncio.wait_for(worker.actor.status.remote(), cfg.health_timeout_s)
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            self._remove(worker)
+            if isinstance(exc, TimeoutError):
+                raise OverloadedError(_start_timeout_message(cfg)) from None
+            raise SplitServeError(f"{worker.name} failed to start: {exc}") from None
+        self._adopt(worker, info, snap)
+        return info
+
+    # ---- scale ------------------------------------------------------------------------
+    def check_targets(self, targets: dict[Role, int]) -> None:
+        cfg = self.config
+        for role, n in targets.items():
+            if role not in cfg.roles:
+                mode = "colocated" if cfg.colocated else "disaggregated"
+                raise InvalidRequestError(f"a {mode} server has no {role.value} pool")
+            if n < cfg.min_workers:
+                raise InvalidRequestError(
+                    f"the {role.value} pool needs at least {cfg.min_workers} worker(s); got {n}"
+                )
+            if n > cfg.max_workers:
+                raise InvalidRequestError(
+                    f"the {role.value} pool holds at most {cfg.max_workers} workers; got {n}"
+                )
+
+    async def scale(self, targets: dict[Role, int]) -> dict[Role, int]:
+        """Grow or drain each pool to its target; returns when the fleet is there."""
+        self.check_targets(targets)
+        if self._scaling is None:
+            self._scaling = asyncio.Lock()
+        async with self._scaling:
+            have = self.counts()
+            new = [self.spawn(r) for r, n in targets.items() for _ in range(n - have[r])]
+            leaving = [w for r, n in targets.items() for w in self._pick_leaving(r, have[r] - n)]
+            for w in leaving:
+                self._begin_drain(w)
+            results = await asyncio.gather(
+                *(self.activate(w) for w in new),
+                *(self.drain(w) for w in leaving),
+                return_exceptions=True,
+            )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return self.counts()
+
+    def _pick_leaving(self, role: Role, n: int) -> list[Worker]:
+        """The n active workers with the least in flight (newest first on ties)."""
+        if n <= 0:
+            return []
+        active = self.routable(role)
+        active.sort(key=lambda w: (w.in_flight, -int(w.name.rsplit("-", 1)[1])))
+        return active[:n]
+
+    def _begin_drain(self, worker: Worker) -> None:
+        worker.state = WorkerState.DRAINING
+        worker.drained = asyncio.Event()
+        if worker.in_flight == 0:
+            worker.drained.set()
+
+    async def drain(self, worker: Worker) -> None:
+        """Let what the worker holds finish (bounded), then stop it and free its KV."""
+        assert worker.drained is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.drained.wait(), self.config.drain_timeout_s)
+        if worker.in_flight:
+            log.warning("%s: drain timed out with %d in flight", worker.name, worker.in_flight)
+        with contextlib.suppress(Exception):  # it may already be gone; the kill is what counts
+            await asyncio.wait_for(worker.actor.shutdown.remote(), 10)
+        self._remove(worker)
+
+    def _remove(self, worker: Worker) -> None:
+        worker.state = WorkerState.DEAD
+        self.workers.pop(worker.name, None)
+        with contextlib.suppress(Exception):
+            ray.kill(worker.actor)
+
+    # ---- health and load -------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Ask every worker for its engine snapshot; one that cannot answer is DEAD."""
+        members = [w for w in self.members() if w.state is not WorkerState.STARTING]
+        snaps = await asyncio.gather(
+            *(
+                asyncio.wait_for(w.actor.status.remote(), self.config.health_timeout_s)
+                for w in members
+            ),
+            return_exceptions=True,
+        )
+        for worker, snap in zip(members, snaps, strict=True):
+            if isinstance(snap, BaseException):
+                log.warning("%s failed its health check: %s", worker.name, snap)
+                self._remove(worker)
+                continue
+            worker.engine = snap
+            worker.free_blocks = snap["kv_blocks_total"] - snap["kv_blocks_used"]
+
+    def healthy(self) -> bool:
+        return all(self.routable(role) for role in self.config.roles)
+
+    def shutdown(self) -> None:
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(Exception):  # best effort; the kill below is what counts
+                ray.get(worker.actor.shutdown.remote(), timeout=10)
+            self._remove(worker)
+
+
+def _start_timeout_message(cfg: FleetConfig) -> str:
+    p = cfg.placement
+    return (
+        f"workers did not start within {cfg.start_timeout_s:.0f} s: the cluster has no room "
+        f"for a worker of {p.cpus_per_worker} CPU, {p.gpus_per_worker} GPU "
+        f"(and its node role resource, if any)"
+    )

@@ -1,0 +1,1 @@
+"""The `splitserve` command line (`cli.py`): a thin entry over router, bench and engine."""
