@@ -53,7 +53,9 @@ class ServerProcess:
     """`splitserve serve` on free ports (HTTP, gRPC, Ray dashboard); its output goes to a
     temporary log file (a pipe nobody reads would stall a chatty server), `log()` reads it."""
 
-    def __init__(self, *serve_args: str, start_timeout_s: float = 240.0):
+    def __init__(
+        self, *serve_args: str, start_timeout_s: float = 240.0, env: dict[str, str] | None = None
+    ):
         self.port, self.grpc_port, self.dashboard_port = free_port(), free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -76,7 +78,7 @@ class ServerProcess:
             ],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+            env={**(os.environ if env is None else env), "RAY_DEDUP_LOGS": "0"},
             start_new_session=True,
         )
         try:
