@@ -4,6 +4,7 @@ finds it), and a teardown that stops only its own processes (never `ray stop`)."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -80,18 +81,12 @@ class RayNodes:
             if mine in cmd or self.address in cmd:
                 procs.add(p)
         for p in list(procs):
-            try:
+            with contextlib.suppress(psutil.Error):
                 procs.update(p.children(recursive=True))
-            except psutil.Error:
-                pass
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.terminate()
-            except psutil.Error:
-                pass
         _, alive = psutil.wait_procs(list(procs), timeout=15)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
