@@ -125,19 +125,23 @@ class Fleet:
             max_concurrency=1000,
             **cfg.placement.options(role),
         )
-        actor: Any
-        if role is Role.PREFILL:
-            cls = ray.remote(PrefillWorker).options(**options)
-            actor = cls.remote(name, self._engine, cfg.transport, cfg.layerwise)
-        else:
-            actor = (
-                ray.remote(DecodeWorker)
-                .options(**options)
-                .remote(name, self._engine, cfg.transport)
-            )
+        try:
+            actor = self._create(role, name, options)
+        except ray.exceptions.ActorAlreadyExistsError:
+            raise SplitServeError(
+                f"actor {name} already exists in Ray namespace {cfg.transport.namespace!r}: "
+                f"another splitserve server runs on this cluster; give this one --namespace"
+            ) from None
         worker = Worker(name, role, actor)
         self.workers[name] = worker
         return worker
+
+    def _create(self, role: Role, name: str, options: dict[str, Any]) -> Any:
+        cfg = self.config
+        if role is Role.PREFILL:
+            cls = ray.remote(PrefillWorker).options(**options)
+            return cls.remote(name, self._engine, cfg.transport, cfg.layerwise)
+        return ray.remote(DecodeWorker).options(**options).remote(name, self._engine, cfg.transport)
 
     def _adopt(self, worker: Worker, info: dict[str, Any], snapshot: dict[str, int]) -> None:
         worker.node = info.get("node", "")

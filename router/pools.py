@@ -20,7 +20,7 @@ from engine.errors import InvalidRequestError
 from engine.loader import load_tokenizer, resolve_model
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import KVTransferError
-from kv_transfer.transport import TransportConfig
+from kv_transfer.transport import ACTOR_NAMESPACE, TransportConfig
 from router.fleet import Fleet, FleetConfig, Worker
 from router.placement import PlacementPolicy, Role, plan_placement
 from router.request_life import RequestLife, Router
@@ -35,6 +35,7 @@ class PoolConfig:
     mode: str = "disaggregated"  # | "colocated"
     kv_transport: str = "grpc"  # | "collective"
     kv_host: str = ""  # KV server address; "" = each decode worker's node address
+    namespace: str = ACTOR_NAMESPACE  # Ray namespace of the workers' named actors
     layerwise: bool = True
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -86,7 +87,7 @@ class RayBackend:
             config.cpus_per_worker,
             config.gpus_per_worker,
         )
-        transport = TransportConfig.parse(config.kv_transport, config.kv_host)
+        transport = TransportConfig.parse(config.kv_transport, config.kv_host, config.namespace)
         self.fleet = Fleet(
             FleetConfig(
                 engine=config.engine,

@@ -51,6 +51,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout", type=float, default=60.0, help="seconds a removed worker may drain"
     )
+    p.add_argument(
+        "--namespace",
+        default="splitserve",
+        help="Ray namespace of the workers' named actors (one per server on a shared cluster)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=50051)
@@ -158,6 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
         mode=args.mode,
         kv_transport=args.kv_transport,
         kv_host=args.kv_host,
+        namespace=args.namespace,
         layerwise=not args.no_layerwise,
         placement=args.placement,
         prefill_routing=args.prefill_routing,

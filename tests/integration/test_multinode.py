@@ -45,9 +45,8 @@ def cluster(tmp_path_factory):
         nodes.stop()
 
 
-@pytest.fixture(scope="module")
-def server(cluster, tiny):
-    args = [
+def _serve_args(cluster, tiny, *extra: str) -> list[str]:
+    return [
         f"--address={cluster.address}",
         f"--node-ip-address={cluster.head_ip}",
         f"--model={tiny}",
@@ -55,9 +54,36 @@ def server(cluster, tiny):
         "--kv-cache-gb=0.05",
         "--placement=roles",
         "--cpus-per-worker=0.3",
+        *extra,
     ]
-    with ServerProcess(*args, env=cluster.env, start_timeout_s=300) as srv:
+
+
+@pytest.fixture(scope="module")
+def server(cluster, tiny):
+    with ServerProcess(*_serve_args(cluster, tiny), env=cluster.env, start_timeout_s=300) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def offline(tiny):
+    llm = LLM(model=str(tiny), block_size=4, num_kv_blocks=256, num_threads=1)
+    return [o.text for o in llm.generate(PROMPTS, PARAMS)]
+
+
+def _stream_texts(server, model) -> list[str]:
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="-", timeout=120)
+    texts = []
+    for ids in PROMPTS:
+        chunks = client.completions.create(
+            model=str(model),
+            prompt=ids,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        texts.append("".join(c.choices[0].text for c in chunks if c.choices))
+    return texts
 
 
 def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -77,26 +103,34 @@ def _check_placement(status: dict) -> None:
             assert w["node"] == PREFILL_IP, w
         else:
             assert w["role"] == "decode" and w["node"] == DECODE_IP, w
-            assert w["endpoint"].startswith(f"{DECODE_IP}:"), w
+            kv = w["endpoint"]  # gRPC host:port, or ray://node/actor for collective
+            assert kv.startswith((f"{DECODE_IP}:", f"ray://{DECODE_IP}/")), w
 
 
-def test_workers_run_on_their_role_nodes_and_stream_offline_greedy_text(server, tiny):
+def test_workers_run_on_their_role_nodes_and_stream_offline_greedy_text(server, tiny, offline):
     status = server.status()
     assert status["pools"] == {"prefill": 1, "decode": 1}
     _check_placement(status)
-    want = LLM(model=str(tiny), block_size=4, num_kv_blocks=256, num_threads=1)
-    client = openai.OpenAI(base_url=server.base + "/v1", api_key="-", timeout=120)
-    for ids, offline in zip(PROMPTS, want.generate(PROMPTS, PARAMS), strict=True):
-        chunks = client.completions.create(
-            model=str(tiny),
-            prompt=ids,
-            max_tokens=12,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        assert "".join(c.choices[0].text for c in chunks if c.choices) == offline.text
+    assert _stream_texts(server, tiny) == offline
     server.wait_no_kv_held()
+
+
+def test_collective_transport_meets_across_nodes(server, cluster, tiny, offline):
+    """A second server on the same cluster (its own namespace), KV over ray.util.collective
+    (gloo here): its rendezvous runs between the prefill and the decode node."""
+    args = _serve_args(cluster, tiny, "--kv-transport=collective", "--namespace=second")
+    with ServerProcess(*args, env=cluster.env, start_timeout_s=300) as second:
+        _check_placement(second.status())
+        assert _stream_texts(second, tiny) == offline
+        second.wait_no_kv_held()
+
+
+def test_a_second_server_in_the_same_namespace_is_one_line(server, cluster, tiny):
+    out = _cli("serve", *_serve_args(cluster, tiny), env=cluster.env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "give this one --namespace" in out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert server.status()["pools"] == {"prefill": 1, "decode": 1}  # the first one is untouched
 
 
 def test_scale_grows_and_shrinks_pools_on_their_nodes(server):
