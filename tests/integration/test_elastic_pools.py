@@ -79,8 +79,14 @@ def test_pools_grow_and_drain_while_64_streams_run(backend, tiny):
                 streams.append(asyncio.create_task(_collect(backend, f"elastic-{i}", prompts[i])))
                 await asyncio.sleep(gap_s)
 
+        async def while_starting() -> dict:
+            await asyncio.sleep(0.3)  # the new actors are loading their model
+            return await backend.status()
+
         # streams arrive before, during and after each resize
-        _, grew = await asyncio.gather(feed(0, 16, 0.1), backend.scale(prefill=2, decode=2))
+        _, grew, starting = await asyncio.gather(
+            feed(0, 16, 0.1), backend.scale(prefill=2, decode=2), while_starting()
+        )
         assert grew == {"prefill": 2, "decode": 2}
         await feed(16, 40, 0.05)  # the new workers take some of these
         grown = await backend.status()
@@ -88,13 +94,17 @@ def test_pools_grow_and_drain_while_64_streams_run(backend, tiny):
         _, shrank = await asyncio.gather(feed(40, 64, 0.05), backend.scale(prefill=1, decode=1))
         assert shrank == {"prefill": 1, "decode": 1}
         got = await asyncio.wait_for(asyncio.gather(*streams), timeout=300)
-        return grown, in_flight, got, await _wait_free(backend)
+        return starting, grown, in_flight, got, await _wait_free(backend)
 
-    grown, in_flight, got, after = asyncio.run(scenario())
+    starting, grown, in_flight, got, after = asyncio.run(scenario())
+    new_names = ("prefill-1", "decode-1")
+    loading = [w for w in starting["workers"] if w["name"] in new_names]
+    assert [w["state"] for w in loading] == ["starting", "starting"]
+    assert all(w["in_flight"] == 0 for w in loading)  # no traffic before model and health
     assert in_flight > 0, "no stream was running when the pools began to shrink"
     states = {w["name"]: w["state"] for w in grown["workers"]}
     assert states == dict.fromkeys(["prefill-0", "prefill-1", "decode-0", "decode-1"], "active")
-    new = [w for w in grown["workers"] if w["name"] in ("prefill-1", "decode-1")]
+    new = [w for w in grown["workers"] if w["name"] in new_names]
     assert all(w["steps"] > 0 for w in new), "a new worker never took a request"
     assert got == want  # 64/64 complete, greedy tokens as offline
     assert sorted(w["role"] for w in after["workers"]) == ["decode", "prefill"]
