@@ -110,9 +110,6 @@ class Fleet:
         if worker.in_flight == 0 and worker.drained is not None:
             worker.drained.set()
 
-    def prefill_done(self, worker: Worker, tokens: int) -> None:
-        worker.queued_tokens -= tokens
-
     # ---- start ------------------------------------------------------------------------
     def spawn(self, role: Role) -> Worker:
         """Create a worker actor (STARTING); it is routable only after `_activate`."""
@@ -249,22 +246,23 @@ class Fleet:
 
     # ---- health and load -------------------------------------------------------------
     async def refresh(self) -> None:
-        """Ask every worker for its engine snapshot; one that cannot answer is DEAD."""
+        """Ask every worker for its engine snapshot. One whose actor died is DEAD and leaves
+        the pools; one that is only slow to answer (a long prefill step) keeps its place."""
         members = [w for w in self.members() if w.state is not WorkerState.STARTING]
+        timeout = self.config.health_timeout_s
         snaps = await asyncio.gather(
-            *(
-                asyncio.wait_for(w.actor.status.remote(), self.config.health_timeout_s)
-                for w in members
-            ),
+            *(asyncio.wait_for(w.actor.status.remote(), timeout) for w in members),
             return_exceptions=True,
         )
         for worker, snap in zip(members, snaps, strict=True):
-            if isinstance(snap, BaseException):
-                log.warning("%s failed its health check: %s", worker.name, snap)
+            if isinstance(snap, ray.exceptions.RayActorError):
+                log.warning("%s is gone: %s", worker.name, snap)
                 self._remove(worker)
-                continue
-            worker.engine = snap
-            worker.free_blocks = snap["kv_blocks_total"] - snap["kv_blocks_used"]
+            elif isinstance(snap, BaseException):
+                log.warning("%s did not answer its health check: %r", worker.name, snap)
+            else:
+                worker.engine = snap
+                worker.free_blocks = snap["kv_blocks_total"] - snap["kv_blocks_used"]
 
     def healthy(self) -> bool:
         return all(self.routable(role) for role in self.config.roles)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from engine.engine_loop import TokenDelta
 from engine.errors import OverloadedError
@@ -58,7 +59,7 @@ class Router:
     prefix_index: PrefixIndex
     policy: PrefillPolicy = PrefillPolicy.PREFIX
     reserve_timeout_s: float = 30.0
-    rng: random.Random = random.Random()
+    rng: random.Random = field(default_factory=random.Random)
 
 
 class RequestLife:
@@ -69,16 +70,18 @@ class RequestLife:
         self.prefill: Worker | None = None
         self.decode: Worker | None = None
         self.tokens_sent = 0
+        self._queued = 0  # prompt tokens counted on the prefill worker's queue
         self._finished = False  # a delta carried a finish reason
         self._ended = False
 
     async def run(self) -> AsyncIterator[TokenDelta]:
         try:
             stream = self._colocated() if self.router.fleet.config.colocated else self._split()
-            async for delta in stream:
-                self.tokens_sent += len(delta.token_ids)
-                self._finished = self._finished or delta.finish_reason is not None
-                yield delta
+            async with aclosing(stream):
+                async for delta in stream:
+                    self.tokens_sent += len(delta.token_ids)
+                    self._finished = self._finished or delta.finish_reason is not None
+                    yield delta
         except (GeneratorExit, asyncio.CancelledError):
             self._end(Phase.ABORTED)
             raise
@@ -88,7 +91,7 @@ class RequestLife:
         finally:
             self._end(Phase.ABORTED)  # the stream ended without a finish reason
 
-    async def _colocated(self) -> AsyncIterator[TokenDelta]:
+    async def _colocated(self) -> AsyncGenerator[TokenDelta, None]:
         workers = self.router.fleet.routable(Role.COLOCATED)
         if not workers:
             raise OverloadedError("no worker is active; try again later")
@@ -103,20 +106,21 @@ class RequestLife:
         async for delta in _relay(stream):
             yield delta
 
-    async def _split(self) -> AsyncIterator[TokenDelta]:
+    async def _split(self) -> AsyncGenerator[TokenDelta, None]:
         await self._reserve()
         assert self.decode is not None and self.ticket is not None
         stream = self.decode.actor.stream.options(num_returns="streaming").remote(self.rid)
         self.prefill = self._pick_prefill()
         n = len(self.ids)
+        self._queued = n
         self.router.fleet.enter(self.prefill, n)
         self.phase = Phase.PREFILLING
-        try:
-            first = await self.prefill.actor.prefill.remote(
-                self.rid, self.ids, self.params, self.ticket
-            )
-        finally:
-            self.router.fleet.prefill_done(self.prefill, n)
+        first = await self.prefill.actor.prefill.remote(
+            self.rid, self.ids, self.params, self.ticket
+        )
+        # its KV went to D and was released: the prefill worker is done with this request
+        self.router.fleet.leave(self.prefill, n)
+        self.prefill, self._queued = None, 0
         self.phase = Phase.STREAMING
         logprobs = [first] if self.params.logprobs is not None else None
         yield TokenDelta(self.rid, [first.token_id], logprobs, None, n, 1)
@@ -174,12 +178,12 @@ class RequestLife:
         self._ended = True
         finished = self._finished
         self.phase = Phase.FINISHED if finished else phase
-        for worker in (self.prefill, self.decode):
+        for worker, tokens in ((self.prefill, self._queued), (self.decode, 0)):
             if worker is None:
                 continue
             if not finished:
                 worker.actor.abort.remote(self.rid)
-            self.router.fleet.leave(worker)
+            self.router.fleet.leave(worker, tokens)
         self.prefill = self.decode = None
 
 
