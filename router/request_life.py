@@ -110,16 +110,16 @@ class RequestLife:
         await self._reserve()
         assert self.decode is not None and self.ticket is not None
         stream = self.decode.actor.stream.options(num_returns="streaming").remote(self.rid)
-        self.prefill = self._pick_prefill()
+        self.prefill, cached = self._pick_prefill()
         n = len(self.ids)
-        self._queued = n
-        self.router.fleet.enter(self.prefill, n)
+        self._queued = max(0, n - cached)  # the work it adds there: what is not cached
+        self.router.fleet.enter(self.prefill, self._queued)
         self.phase = Phase.PREFILLING
         first = await self.prefill.actor.prefill.remote(
             self.rid, self.ids, self.params, self.ticket
         )
         # its KV went to D and was released: the prefill worker is done with this request
-        self.router.fleet.leave(self.prefill, n)
+        self.router.fleet.leave(self.prefill, self._queued)
         self.prefill, self._queued = None, 0
         self.phase = Phase.STREAMING
         logprobs = [first] if self.params.logprobs is not None else None
@@ -156,20 +156,19 @@ class RequestLife:
             await asyncio.sleep(delay)  # back-off while decodes finish and free blocks
             delay = min(delay * 2, 0.5)
 
-    def _pick_prefill(self) -> Worker:
+    def _pick_prefill(self) -> tuple[Worker, int]:
+        """The prefill worker for this prompt, and how many of its tokens it has cached."""
         router = self.router
         workers = {w.name: w for w in router.fleet.routable(Role.PREFILL)}
         if not workers:
             raise OverloadedError("no prefill worker is active; try again later")
         bs = router.fleet.config.engine.block_size
         hashes = block_hashes(self.ids, bs)
-        loads = [
-            PrefillLoad(name, w.queued_tokens, bs * router.prefix_index.cached_blocks(name, hashes))
-            for name, w in workers.items()
-        ]
+        cached = {n: bs * router.prefix_index.cached_blocks(n, hashes) for n in workers}
+        loads = [PrefillLoad(n, w.queued_tokens, cached[n]) for n, w in workers.items()]
         name = pick_prefill(loads, len(self.ids), router.policy, router.rng)
         router.prefix_index.record(name, hashes)
-        return workers[name]
+        return workers[name], cached[name]
 
     def _end(self, phase: Phase) -> None:
         """The one cleanup: abort where not finished, give the fleet its counters back."""

@@ -4,7 +4,7 @@ computes the prompt. No Ray, no asyncio: the fleet hands in load snapshots, test
 decode:  order by free KV blocks, minus a penalty per stream in flight (ties at random);
          the caller tries them in that order until one grants the reservation
 prefill: `prefix` (default) picks the worker that finishes this prompt soonest:
-             cost = tokens queued there + the prompt's tokens that worker has not cached
+             cost = uncached prompt tokens queued there + this prompt's uncached tokens
          so a prompt goes where its prefix is cached until that worker's queue grows by
          more than the prefix is worth; then a second worker takes (and caches) it too.
          `least-loaded`: power of two choices on queued tokens; `random`: uniform.

@@ -120,7 +120,7 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from bench import hf_peer, serve_bench, serving, sweep
+    from bench import hf_peer, prefix_bench, serve_bench, serving, sweep
     from bench.offline import add_offline_args
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -147,6 +147,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     hf_peer.add_peer_args(peer)
     peer.set_defaults(func=hf_peer.run_peer_compare)
+    prefix = bench_sub.add_parser(
+        "prefix", help="shared prefixes: prefix-aware vs random prefill routing, TTFT, hit rate"
+    )
+    prefix_bench.add_args(prefix)
+    prefix.set_defaults(func=prefix_bench.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
