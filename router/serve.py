@@ -45,8 +45,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--cpus-per-worker",
         type=float,
         default=None,
-        help="Ray CPUs each worker asks for (default: the cluster's CPUs shared by the workers, "
-        "at most 1; fractional shares leave room to scale up)",
+        help="Ray CPUs each worker asks for (default on CPU: half the cluster's CPUs shared by "
+        "the first workers, at most 1, so the pools can double; 1 on GPUs)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a new worker may take to be placed, load its model and pass a health check",
     )
     p.add_argument(
         "--drain-timeout", type=float, default=60.0, help="seconds a removed worker may drain"
@@ -132,7 +138,8 @@ def _cpus_per_worker(asked: float | None, cpus: float, workers: int, use_gpu: bo
         if asked <= 0:
             raise SplitServeError(f"--cpus-per-worker must be positive, got {asked}")
         return asked
-    return 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 0.25) / workers))
+    # Ray's CPU share only schedules: torch threads are floor(share) or 1 either way
+    return 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 0.25) / (2 * workers)))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -162,12 +169,14 @@ def run_serve(args: argparse.Namespace) -> int:
         num_decode=args.decode,
         mode=args.mode,
         kv_transport=args.kv_transport,
-        kv_host=args.kv_host,
+        # a local cluster is this machine alone: KV stays on loopback
+        kv_host=args.kv_host or ("" if args.address else "127.0.0.1"),
         namespace=args.namespace,
         layerwise=not args.no_layerwise,
         placement=args.placement,
         prefill_routing=args.prefill_routing,
         drain_timeout_s=args.drain_timeout,
+        start_timeout_s=args.start_timeout,
         cpus_per_worker=_cpus_per_worker(args.cpus_per_worker, cpus, workers, use_gpu),
         gpus_per_worker=1.0 if use_gpu else 0.0,
     )

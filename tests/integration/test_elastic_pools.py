@@ -38,7 +38,9 @@ def backend(ray_session, tiny):
     from router.pools import PoolConfig, RayBackend
 
     engine = EngineConfig(model=str(tiny), num_kv_blocks=600, block_size=4, num_threads=1)
-    b = RayBackend(PoolConfig(engine=engine, cpus_per_worker=0.5, drain_timeout_s=120))
+    b = RayBackend(
+        PoolConfig(engine=engine, kv_host="127.0.0.1", cpus_per_worker=0.5, drain_timeout_s=120)
+    )
     yield b
     b.shutdown()
 

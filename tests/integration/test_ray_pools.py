@@ -70,7 +70,13 @@ def test_pools_generate_like_offline_and_free_kv(ray_session, tiny, expected, mo
         max_num_batched_tokens=256,
     )
     backend = RayBackend(
-        PoolConfig(engine=engine, mode=mode, kv_transport=transport, cpus_per_worker=0.5)
+        PoolConfig(
+            engine=engine,
+            mode=mode,
+            kv_transport=transport,
+            kv_host="127.0.0.1",
+            cpus_per_worker=0.5,
+        )
     )
     try:
         disaggregated = mode == "disaggregated"
