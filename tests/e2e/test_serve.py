@@ -158,7 +158,7 @@ def test_ray_state_api_lists_the_named_workers(server):
     )
     assert r.returncode == 0, r.stderr
     names = {a["name"] for a in json.loads(r.stdout)}
-    assert {"decode-0", "decode-1"} <= names or {"prefill-0", "decode-0"} <= names
+    assert {"colocated-0", "colocated-1"} <= names or {"prefill-0", "decode-0"} <= names
 
 
 def test_bad_input_is_rejected_and_server_keeps_serving(server, client):
