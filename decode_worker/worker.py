@@ -55,8 +55,6 @@ class DecodeWorker:
             "max_model_len": self.engine.max_model_len,
             "vocab_size": c.vocab_size,
             "num_layers": c.num_layers,
-            "kv_blocks_total": self.engine.scheduler.allocator.num_blocks,
-            "block_size": self.engine.config.block_size,
             "node": node_address(),
             "endpoint": self.endpoint,
         }

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kv_transfer.errors import KVTransferError
+from engine.errors import InvalidRequestError
 from kv_transfer.state import KVTransfer, TransferTable
 from kv_transfer.ticket import Ticket
 
@@ -46,7 +46,7 @@ class TransportConfig:
             transport = TransportKind(kind)
         except ValueError:
             names = ", ".join(k.value for k in TransportKind)
-            raise KVTransferError(f"unknown kv transport {kind!r}; choose {names}") from None
+            raise InvalidRequestError(f"unknown kv transport {kind!r}; choose {names}") from None
         return cls(transport, kv_host, namespace=namespace)
 
 

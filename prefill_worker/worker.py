@@ -58,8 +58,6 @@ class PrefillWorker:
             "name": self.name,
             "max_model_len": self.engine.max_model_len,
             "vocab_size": c.vocab_size,
-            "kv_blocks_total": self.engine.scheduler.allocator.num_blocks,
-            "block_size": self.block_size,
             "node": node_address(),
             "endpoint": "",
         }

@@ -49,12 +49,16 @@ class Worker:
     state: WorkerState = WorkerState.STARTING
     node: str = ""
     endpoint: str = ""
-    kv_blocks_total: int = 0
     in_flight: int = 0  # requests routed here and not yet ended
     queued_tokens: int = 0  # prompt tokens sent here whose prefill has not returned
     free_blocks: int = 1 << 30  # decode: last known free KV blocks
     engine: dict[str, int] = field(default_factory=dict)  # last status() snapshot
     drained: asyncio.Event | None = None
+
+    def observe(self, snapshot: dict[str, int]) -> None:
+        """Take in an engine snapshot (status()): load and KV use for /status and routing."""
+        self.engine = snapshot
+        self.free_blocks = snapshot["kv_blocks_total"] - snapshot["kv_blocks_used"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +147,7 @@ class Fleet:
     def _adopt(self, worker: Worker, info: dict[str, Any], snapshot: dict[str, int]) -> None:
         worker.node = info.get("node", "")
         worker.endpoint = info.get("endpoint", "")
-        worker.kv_blocks_total = info.get("kv_blocks_total", 0)
-        worker.engine = snapshot
-        worker.free_blocks = snapshot["kv_blocks_total"] - snapshot["kv_blocks_used"]
+        worker.observe(snapshot)
         worker.state = WorkerState.ACTIVE
 
     def start(self, counts: dict[Role, int]) -> list[dict[str, Any]]:
@@ -217,9 +219,8 @@ class Fleet:
         """The n active workers with the least in flight (newest first on ties)."""
         if n <= 0:
             return []
-        active = self.routable(role)
-        active.sort(key=lambda w: (w.in_flight, -int(w.name.rsplit("-", 1)[1])))
-        return active[:n]
+        newest_first = self.routable(role)[::-1]  # members keep their spawn order
+        return sorted(newest_first, key=lambda w: w.in_flight)[:n]
 
     def _begin_drain(self, worker: Worker) -> None:
         worker.state = WorkerState.DRAINING
@@ -261,8 +262,7 @@ class Fleet:
             elif isinstance(snap, BaseException):
                 log.warning("%s did not answer its health check: %r", worker.name, snap)
             else:
-                worker.engine = snap
-                worker.free_blocks = snap["kv_blocks_total"] - snap["kv_blocks_used"]
+                worker.observe(snap)
 
     def healthy(self) -> bool:
         return all(self.routable(role) for role in self.config.roles)

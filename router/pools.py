@@ -19,7 +19,6 @@ from engine.engine_loop import TokenDelta
 from engine.errors import InvalidRequestError
 from engine.loader import load_tokenizer, resolve_model
 from engine.sampling_params import SamplingParams
-from kv_transfer.errors import KVTransferError
 from kv_transfer.transport import ACTOR_NAMESPACE, TransportConfig
 from router.fleet import Fleet, FleetConfig, Worker
 from router.placement import PlacementPolicy, Role, plan_placement
@@ -50,12 +49,19 @@ class PoolConfig:
             raise InvalidRequestError(f"unknown mode {self.mode!r}")
         if self.num_decode < 1 or (self.mode == "disaggregated" and self.num_prefill < 1):
             raise InvalidRequestError("each pool needs at least one worker")
-        _enum(PlacementPolicy, self.placement, "placement")
-        _enum(PrefillPolicy, self.prefill_routing, "prefill routing")
-        try:
-            TransportConfig.parse(self.kv_transport)
-        except KVTransferError as exc:
-            raise InvalidRequestError(str(exc)) from None
+        _ = (self.placement_policy, self.prefill_policy, self.transport)  # bad names raise here
+
+    @property
+    def placement_policy(self) -> PlacementPolicy:
+        return _enum(PlacementPolicy, self.placement, "placement")
+
+    @property
+    def prefill_policy(self) -> PrefillPolicy:
+        return _enum(PrefillPolicy, self.prefill_routing, "prefill routing")
+
+    @property
+    def transport(self) -> TransportConfig:
+        return TransportConfig.parse(self.kv_transport, self.kv_host, self.namespace)
 
     @property
     def colocated(self) -> bool:
@@ -81,18 +87,17 @@ class RayBackend:
         counts = config.first_counts()
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         placement = plan_placement(
-            _enum(PlacementPolicy, config.placement, "placement"),
+            config.placement_policy,
             nodes,
             counts,
             config.cpus_per_worker,
             config.gpus_per_worker,
         )
-        transport = TransportConfig.parse(config.kv_transport, config.kv_host, config.namespace)
         self.fleet = Fleet(
             FleetConfig(
                 engine=config.engine,
                 placement=placement,
-                transport=transport,
+                transport=config.transport,
                 colocated=config.colocated,
                 layerwise=config.layerwise,
                 start_timeout_s=config.start_timeout_s,
@@ -100,8 +105,9 @@ class RayBackend:
             )
         )
         infos = self.fleet.start(counts)
-        policy = _enum(PrefillPolicy, config.prefill_routing, "prefill routing")
-        self.router = Router(self.fleet, PrefixIndex(), policy, config.reserve_timeout_s)
+        self.router = Router(
+            self.fleet, PrefixIndex(), config.prefill_policy, config.reserve_timeout_s
+        )
         self._sync_prefix_index()
         self.max_model_len = min(i["max_model_len"] for i in infos)
         self.vocab_size = infos[0]["vocab_size"]
@@ -134,8 +140,8 @@ class RayBackend:
         for name in index.workers() - members.keys():
             index.remove_worker(name)
         for name, worker in members.items():
-            if name not in index.workers() and worker.kv_blocks_total:
-                index.add_worker(name, worker.kv_blocks_total)
+            if name not in index.workers() and worker.engine:
+                index.add_worker(name, worker.engine["kv_blocks_total"])
 
     async def status(self) -> dict[str, Any]:
         await self.fleet.refresh()

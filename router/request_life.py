@@ -48,9 +48,6 @@ class Phase(enum.Enum):
     FAILED = "failed"
 
 
-ENDED = frozenset({Phase.FINISHED, Phase.ABORTED, Phase.FAILED})
-
-
 @dataclass(slots=True)
 class Router:
     """What every request's life shares: the fleet, the prefix index and the policy."""
@@ -163,7 +160,8 @@ class RequestLife:
         if not workers:
             raise OverloadedError("no prefill worker is active; try again later")
         bs = router.fleet.config.engine.block_size
-        hashes = block_hashes(self.ids, bs)
+        # only the prefix policy reads the index: other policies skip hashing the prompt
+        hashes = block_hashes(self.ids, bs) if router.policy is PrefillPolicy.PREFIX else []
         cached = {n: bs * router.prefix_index.cached_blocks(n, hashes) for n in workers}
         loads = [PrefillLoad(n, w.queued_tokens, cached[n]) for n, w in workers.items()]
         name = pick_prefill(loads, len(self.ids), router.policy, router.rng)

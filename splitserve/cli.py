@@ -125,33 +125,45 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    offline = bench_sub.add_parser("offline", help="continuous vs static, vs HF, roofline")
-    add_offline_args(offline)
-    offline.set_defaults(func=_bench)
-    kv = bench_sub.add_parser("kv", help="KV-transfer bandwidth: gRPC vs raw socket")
-    serving.add_kv_args(kv)
-    kv.set_defaults(func=serving.run_kv)
-    ttft = bench_sub.add_parser("ttft", help="TTFT: disaggregated vs colocated, low load")
-    serving.add_ttft_args(ttft)
-    ttft.set_defaults(func=serving.run_ttft)
-    serve = bench_sub.add_parser("serve", help="load-test a running server (vllm bench serve)")
-    serve_bench.add_args(serve)
-    serve.set_defaults(func=serve_bench.run)
-    sweep_parser = bench_sub.add_parser(
-        "sweep", help="goodput under TTFT/TPOT SLOs: disaggregated vs colocated, rate sweep"
-    )
-    sweep.add_args(sweep_parser)
-    sweep_parser.set_defaults(func=sweep.run)
-    peer = bench_sub.add_parser(
-        "peer", help="the same load on HF `transformers serve --continuous-batching` and on us"
-    )
-    hf_peer.add_peer_args(peer)
-    peer.set_defaults(func=hf_peer.run_peer_compare)
-    prefix = bench_sub.add_parser(
-        "prefix", help="shared prefixes: prefix-aware vs random prefill routing, TTFT, hit rate"
-    )
-    prefix_bench.add_args(prefix)
-    prefix.set_defaults(func=prefix_bench.run)
+    # name, help, add its arguments, run it
+    commands = [
+        ("offline", "continuous vs static, vs HF, roofline", add_offline_args, _bench),
+        ("kv", "KV-transfer bandwidth: gRPC vs raw socket", serving.add_kv_args, serving.run_kv),
+        (
+            "ttft",
+            "TTFT: disaggregated vs colocated, low load",
+            serving.add_ttft_args,
+            serving.run_ttft,
+        ),
+        (
+            "serve",
+            "load-test a running server (vllm bench serve)",
+            serve_bench.add_args,
+            serve_bench.run,
+        ),
+        (
+            "sweep",
+            "goodput under TTFT/TPOT SLOs: disaggregated vs colocated, rate sweep",
+            sweep.add_args,
+            sweep.run,
+        ),
+        (
+            "peer",
+            "the same load on HF `transformers serve --continuous-batching` and on us",
+            hf_peer.add_peer_args,
+            hf_peer.run_peer_compare,
+        ),
+        (
+            "prefix",
+            "shared prefixes: prefix-aware vs random prefill routing, TTFT, hit rate",
+            prefix_bench.add_args,
+            prefix_bench.run,
+        ),
+    ]
+    for name, help_text, add_args, run in commands:
+        parser = bench_sub.add_parser(name, help=help_text)
+        add_args(parser)
+        parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
