@@ -22,7 +22,21 @@ class UnsupportedModelError(SplitServeError):
 
 
 class OverloadedError(SplitServeError):
-    """No capacity for the request right now (e.g. no decode worker has free KV blocks)."""
+    """No capacity for the request right now: a pool's admission bound is reached, or no
+    decode worker has free KV blocks. HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(SplitServeError):
+    """The request could not be served by any worker (workers lost, KV transfers failed past
+    the retry limit, the server is shutting down). HTTP 503, gRPC UNAVAILABLE."""
+
+
+class DeadlineExceededError(SplitServeError):
+    """The request's own deadline passed before it finished. HTTP 408, gRPC DEADLINE_EXCEEDED."""
 
 
 class InvalidRequestError(SplitServeError):

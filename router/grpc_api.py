@@ -9,7 +9,7 @@ client cancels: the handler task is cancelled, which closes the stream: request 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 import grpc
@@ -29,8 +29,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # splitse
 _ENDPOINT = "grpc:Generate"
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
-    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -133,10 +136,16 @@ class BackendHealth(health.aio.HealthServicer):
 
 
 def create_grpc_server(
-    backend: Backend, port: int, host: str = "0.0.0.0", metrics: RouterMetrics | None = None
+    backend: Backend,
+    port: int,
+    host: str = "127.0.0.1",
+    metrics: RouterMetrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
-    """A bound, not yet started server (`await server.start()`); call inside the serving loop."""
-    server = grpc.aio.server()
+    """A bound, not yet started server (`await server.start()`); call inside the serving loop.
+    `interceptors` run before every call (access control); `credentials`: TLS."""
+    server = grpc.aio.server(interceptors=list(interceptors))
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(backend, metrics or RouterMetrics()), server
     )
@@ -144,5 +153,9 @@ def create_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
     return server

@@ -281,7 +281,9 @@ def _json(body: msgspec.Struct, status: int = 200) -> Response:
 
 
 def _error_response(err: APIError) -> Response:
-    return _json(ErrorResponse(err.body()), err.status)
+    response = _json(ErrorResponse(err.body()), err.status)
+    response.headers.update(err.headers)
+    return response
 
 
 def _fail(exc: Exception, tracker: RequestTracker) -> Response:

@@ -8,6 +8,7 @@ Extensions beyond OpenAI's fields: `top_k`, `ignore_eos`, `stop_token_ids`,
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -15,10 +16,12 @@ import msgspec
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import (
+    DeadlineExceededError,
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
     PromptTooLongError,
+    UnavailableError,
 )
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -199,10 +202,12 @@ class APIError(Exception):
     """An OpenAI error body and its HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):  # fmt: skip
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message = status, message
         self.type, self.param, self.code = type, param, code
+        self.headers = headers or {}
 
     def body(self) -> ErrorBody:
         return ErrorBody(self.message, self.type, self.param, self.code)
@@ -228,8 +233,13 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=first if first in _PARAM_NAMES else None)
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
-    if isinstance(exc, OverloadedError):
-        return APIError(503, str(exc), type="server_error", code="overloaded")
+    if isinstance(exc, OverloadedError):  # load is not the server failing: 429, retry later
+        retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return APIError(429, str(exc), type="rate_limit_error", code="overloaded", headers=retry)
+    if isinstance(exc, UnavailableError):
+        return APIError(503, str(exc), type="server_error", code="unavailable")
+    if isinstance(exc, DeadlineExceededError):
+        return APIError(408, str(exc), type="timeout_error", code="deadline_exceeded")
     if isinstance(exc, StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind)
