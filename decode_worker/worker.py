@@ -1,10 +1,15 @@
 """Decode worker (Ray actor `decode-<j>`): continuous batching over KV that prefill sent.
 
-    router ── reserve(id, prompt, params) ──> blocks reserved (lease)   -> Ticket
-    prefill ── KV pages (gRPC or collective) ──> written into those blocks
-    prefill ── done(first token) ──> READY ──> admitted at the next step (RUNNING)
+    router ── reserve(id, prompt, params) ──> blocks allocated and owned by a transfer with
+        a lease and a tag, in one command on the engine thread ──> Ticket(blocks, tag)
+    router ── renew(ids) every few seconds while the prompt waits for its prefill
+    prefill ── KV pages (gRPC or collective, tag checked) ──> written into those blocks
+    prefill ── done(first token) ──> READY: the transfer lets go of the blocks (FREED) and
+        the engine's sequence owns them ──> admitted at the next step (RUNNING)
     every step: one token per running sequence ──> stream(id) yields deltas to the router
-    finish / abort(id) / lease expiry / failed transfer ──> blocks freed (FREED)
+    abort(id) / lease expiry / failed transfer / stream closed early ──> `_end`: on the
+        engine thread, the transfer is released (its Push cancelled) and then the engine
+        frees the blocks, so a block never has two owners
 
 In colocated mode the same worker takes whole requests (`generate`) and runs
 both phases with the same engine and scheduler.
@@ -13,6 +18,8 @@ both phases with the same engine and scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,11 +30,12 @@ from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.threads import set_threads
+from kv_transfer.auth import new_secret, ticket_tag
 from kv_transfer.state import KVTransfer, TransferTable
 from kv_transfer.ticket import Ticket
 from kv_transfer.transport import TransportConfig, make_receiver, node_address
 
-LEASE_S = 60.0  # a reservation whose pages have not all landed by then is reclaimed
+LEASE_S = 30.0  # a reservation not renewed, and whose pages have not landed, is reclaimed
 
 
 class DecodeWorker:
@@ -38,6 +46,7 @@ class DecodeWorker:
         self.loop = EngineLoop(self.engine, name=f"{name}-loop")
         self.table = TransferTable()
         self.transport = transport or TransportConfig()
+        self._secret = self.transport.secret or new_secret()
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._aio: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task | None = None
@@ -60,7 +69,13 @@ class DecodeWorker:
         }
 
     async def status(self) -> dict[str, Any]:
-        return await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
+        snapshot = await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
+        return {
+            **snapshot,
+            "kv_transfers": len(self.table),
+            "kv_streams_open": self._receiver.open_streams(),
+            "kv_pushes_refused": self._receiver.refused,
+        }
 
     # ---- disaggregated path ---------------------------------------------------------
     async def reserve(
@@ -69,37 +84,55 @@ class DecodeWorker:
         self._aio = asyncio.get_running_loop()
         if self._reaper is None:
             self._reaper = self._aio.create_task(self._reap_forever())
-        blocks = await asyncio.wrap_future(
-            self.loop.call(lambda e: e.reserve_remote(request_id, prompt_token_ids, params))
-        )
-        if blocks is None:
-            return None
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
-        self._queues[request_id] = queue
         aio = self._aio
-        # The router already streamed the first token (from prefill): skip it here.
-        self.loop.register_sink(
-            request_id, lambda d: aio.call_soon_threadsafe(queue.put_nowait, d), num_sent=1
-        )
-        self.table.reserve(
-            request_id,
-            tuple(blocks),
-            self.engine.model_config.num_layers,
-            LEASE_S,
-        )
-        free = self.engine.scheduler.allocator.num_free
-        return Ticket(request_id, self.name, tuple(blocks), self.endpoint, free)
+        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        tag = ticket_tag(self._secret, self.name, request_id, secrets.token_bytes(16))
+
+        def reserve_on_loop(engine: LLMEngine) -> tuple[list[int], int] | None:
+            blocks = engine.reserve_remote(request_id, prompt_token_ids, params)
+            if blocks is None:
+                return None
+            try:  # the blocks and their transfer come into being together
+                layers = engine.model_config.num_layers
+                self.table.reserve(request_id, tuple(blocks), layers, LEASE_S, tag=tag)
+            except BaseException:
+                engine.abort(request_id)
+                raise
+            # The router already streamed the first token (from prefill): skip it here.
+            sink = lambda d: aio.call_soon_threadsafe(queue.put_nowait, d)  # noqa: E731
+            self.loop.register_sink(request_id, sink, num_sent=1)
+            return blocks, engine.scheduler.allocator.num_free
+
+        reserved = await asyncio.wrap_future(self.loop.call(reserve_on_loop))
+        if reserved is None:
+            return None
+        blocks, free = reserved
+        self._queues[request_id] = queue
+        return Ticket(request_id, self.name, tuple(blocks), self.endpoint, free, tag)
+
+    async def renew(self, request_ids: list[str]) -> list[str]:
+        """The router still waits on these prompts' prefills: extend their leases. Returns
+        the ids whose reservation is gone (the router stops waiting for them)."""
+        return self.table.renew(request_ids, LEASE_S)
 
     def _on_ready(self, transfer: KVTransfer) -> None:
         """Called by the KV receiver when every page and the first token are in."""
         assert transfer.first_token_id is not None  # READY carries it
         first = SampledToken(transfer.first_token_id)
-        self.loop.land_remote(transfer.request_id, first)
         transfer.start_running()
+        self.table.free(transfer.request_id)  # every page is in: the sequence owns the blocks
+        self.loop.land_remote(transfer.request_id, first)
 
     def _on_failed(self, transfer: KVTransfer) -> None:
-        """A bad page or a missing layer: the request ends and its blocks are freed."""
-        self.loop.abort(transfer.request_id)
+        """A bad page, a missing layer, a sender gone: the request ends, its blocks freed."""
+        self._end(transfer.request_id)
+
+    def _end(self, request_id: str) -> None:
+        """The one way a reserved request ends early: its transfer (and Push) first, then the
+        engine's blocks, in one command on the engine thread."""
+        self._receiver.cancel(request_id)
+        with contextlib.suppress(RuntimeError):  # the loop is stopped: nothing is held
+            self.loop.abort(request_id, before=lambda: self.table.release(request_id))
 
     # ---- collective transport: the prefill side drives these (recv blocks: off the loop)
     async def kv_join(self, group: str, backend: str) -> None:
@@ -121,25 +154,25 @@ class DecodeWorker:
         queue = self._queues.get(request_id)
         if queue is None:
             return
+        finished = False
         try:
             async for batch in _drain(queue):
+                finished = batch[-1].finish_reason is not None
                 yield batch
         finally:
             self._queues.pop(request_id, None)
-            self._free_transfer(request_id)
+            if not finished:
+                self._end(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self.loop.abort(request_id)
-        self._free_transfer(request_id)
-
-    def _free_transfer(self, request_id: str) -> None:
-        self.table.release(request_id)
+        self._queues.pop(request_id, None)
+        self._end(request_id)
 
     async def reap_expired(self) -> int:
-        """Abort reservations whose lease ran out before their pages landed."""
+        """End reservations whose lease ran out before their pages landed."""
         expired = self.table.expire(time.monotonic())
         for transfer in expired:
-            self.loop.abort(transfer.request_id)
+            self._end(transfer.request_id)
         return len(expired)
 
     async def _reap_forever(self, period_s: float = 1.0) -> None:

@@ -71,8 +71,13 @@ class EngineLoop:
 
         self._post(add)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, before: Callable[[], object] | None = None) -> None:
+        """End a request on the loop thread; `before()` runs first, in the same command (a
+        decode worker drops its transfer there, so no block is freed while a transfer owns it)."""
+
         def do_abort() -> None:
+            if before is not None:
+                before()
             out = self.engine.abort(request_id)
             if out is not None:
                 self._deliver(out)

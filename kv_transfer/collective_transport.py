@@ -70,6 +70,7 @@ class CollectiveKVReceiver:
         self.kv_cache, self.table = kv_cache, table
         self.on_ready, self.on_failed = on_ready, on_failed
         self._groups: set[str] = set()
+        self.refused = 0  # Ray authenticates its callers: nothing to refuse here
         self.endpoint = ""  # set by kv_transfer.transport: the node and actor, for /status
         pair_gloo.register()
 
@@ -88,6 +89,12 @@ class CollectiveKVReceiver:
 
     def close(self) -> None:
         self.leave_all()
+
+    def open_streams(self) -> int:
+        return 0  # no call stays open: each layer is one Ray call from the sender
+
+    def cancel(self, request_id: str) -> None:
+        """Nothing to cancel: a page for a released reservation is consumed and refused."""
 
     def recv_layer(self, group_name: str, header: KVPageHeader) -> None:
         """Receive the tensor the sender is sending now, then check and land it."""
@@ -244,7 +251,8 @@ class CollectiveKVSender:
         self._peers: dict[object, _PeerLink] = {}
         self._requests: dict[str, _PeerLink] = {}
 
-    def begin(self, request_id: str, endpoint) -> None:
+    def begin(self, request_id: str, endpoint, tag: str = "") -> None:
+        """The tag is not needed here: pages and done travel on Ray's authenticated calls."""
         with self._lock:
             if endpoint not in self._peers:
                 self._peers[endpoint] = _PeerLink(
@@ -292,6 +300,10 @@ class CollectiveKVSender:
         finally:
             with self._lock:
                 self._requests.pop(request_id, None)
+
+    def open_streams(self) -> int:
+        with self._lock:
+            return len(self._requests)
 
     def abort(self, request_id: str) -> None:
         """Stop sending a request's pages (the decode worker's lease reclaims its blocks)."""

@@ -1,60 +1,55 @@
 """KV transfer over gRPC: one client-streaming Push call per request.
 
     prefill worker (GrpcKVSender)                    decode worker (GrpcKVServer)
-    begin(id, "host:port") ── opens Push ─────────>  handler thread for the call
+    begin(id, "host:port", tag): noted
+    first send_layer ── opens Push (metadata: tag) ─> handler thread for the call;
+                                                     tag == the reservation's? else refused
     send_layer(id, kv, l, src, dst)                  for each KVChunk{page}:
       gather kv[l, :, src] straight into KVChunk       crc32c/dtype/shape check,
       messages, crc32c (caller's thread), enqueue;     table.landing(header) (blocks reserved?),
       gRPC's stream thread sends ─ KVChunk{page} ──>   write into kv[l, :, dst] (one copy)
     finish(id, token, n) ─── KVChunk{done} ──────>   table.on_done -> READY: on_ready(transfer)
       waits for the reply <── PushReply{READY} ────                  FAILED: on_failed(transfer)
-    any error: KVTransferError in the prefill;       bad page / unknown request: transfer
-      its own KV is released by its owner            FAILED, call aborted with a status
+    any error: KVTransferError in the prefill;       bad page / unknown request / client
+      its own KV is released by its owner            gone: transfer FAILED, call aborted
+    abort(id): call cancelled                        cancel(id) (reservation released):
+                                                     the call is cancelled, its thread freed
 
-Pages are framed by kv_transfer.grpc_codec: gathered once into the message on
-send, viewed (not copied) on receive; the bytes on the wire are ordinary KVChunks.
+The Push opens when the prompt's first layer is computed, not while it waits in the
+prefill queue, so a handler thread is busy only while pages flow; calls past
+MAX_PUSHES get RESOURCE_EXHAUSTED at once (the router retries elsewhere).
+
+The sender is kv_transfer.grpc_sender. Pages are framed by kv_transfer.grpc_codec: gathered
+once into the message on send, viewed (not copied) on receive; the bytes on the wire are
+ordinary KVChunks.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
 import torch
 
+from kv_transfer.auth import TAG_METADATA, tags_match
 from kv_transfer.errors import (
     ChecksumMismatchError,
     IllegalTransitionError,
     KVTransferError,
     UnknownTransferError,
 )
-from kv_transfer.grpc_codec import (
-    InboundPage,
-    decode_chunk,
-    encode_chunk,
-    encode_page,
-    header_from_proto,
-)
+from kv_transfer.grpc_codec import InboundPage, decode_chunk, header_from_proto
+from kv_transfer.grpc_sender import GRPC_OPTIONS, GrpcKVSender
 from kv_transfer.heap import retain_freed_memory
-from kv_transfer.pages import (
-    DEFAULT_MAX_CHUNK_BYTES,
-    block_chunks,
-    block_nbytes,
-    check_page,
-    write_pages,
-)
+from kv_transfer.pages import check_page, write_pages
 from kv_transfer.state import KVTransfer, TransferState, TransferTable
+from kv_transfer.tls import KVTLS
 from splitserve_proto import kv_transfer_pb2 as pb
 from splitserve_proto import kv_transfer_pb2_grpc as pb_grpc
 
-PUSH_METHOD = "/splitserve.kv.v1.KVTransfer/Push"
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-]
+MAX_PUSHES = 64  # concurrent Push calls one KV server serves
 
 
 def _status_for(error: KVTransferError) -> grpc.StatusCode:
@@ -75,8 +70,9 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
         on_ready: Callable[[KVTransfer], None],
         host: str = "127.0.0.1",
         port: int = 0,
-        max_workers: int = 4,
+        max_workers: int = MAX_PUSHES,
         on_failed: Callable[[KVTransfer], None] | None = None,
+        tls: KVTLS | None = None,
     ) -> None:
         retain_freed_memory()  # received messages: reuse heap memory, no page faults per chunk
         self.kv_cache = kv_cache
@@ -85,9 +81,14 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
         self.on_failed = on_failed
         self.host = host
         self.port = port
+        self.tls = tls
+        self.refused = 0  # pushes without a valid tag for a live reservation
+        self._lock = threading.Lock()
+        self._calls: dict[str, grpc.ServicerContext] = {}  # request id -> its open Push
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers, thread_name_prefix="kv-recv"),
             options=GRPC_OPTIONS,
+            maximum_concurrent_rpcs=max_workers,
         )
         push = grpc.stream_unary_rpc_method_handler(
             self.Push,
@@ -100,7 +101,11 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
         self.endpoint = ""
 
     def start(self) -> str:
-        bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls is None:
+            bound = self._server.add_insecure_port(address)
+        else:
+            bound = self._server.add_secure_port(address, self.tls.server_credentials())
         if bound == 0:
             raise KVTransferError(f"cannot bind the KV server to {self.host}:{self.port}")
         self._server.start()
@@ -114,6 +119,28 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
     def close(self) -> None:
         self.stop()
 
+    def open_streams(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    def cancel(self, request_id: str) -> None:
+        """The reservation is gone: end its Push (if open) so its handler thread is freed."""
+        with self._lock:
+            context = self._calls.pop(request_id, None)
+        if context is not None:
+            context.cancel()
+
+    def _admit(self, request_id: str, context) -> None:
+        """The first message of a call: it must carry the tag of a live reservation."""
+        tag = dict(context.invocation_metadata()).get(TAG_METADATA, "")
+        transfer = self.table.get(request_id)
+        if transfer is None or not tags_match(transfer.tag, tag):
+            with self._lock:
+                self.refused += 1
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request_id}: no such reservation")
+        with self._lock:
+            self._calls[request_id] = context
+
     def Push(  # noqa: N802
         self, request_iterator: Iterator[pb.KVChunk | InboundPage], context
     ) -> pb.PushReply:
@@ -122,8 +149,14 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
             for chunk in request_iterator:
                 if isinstance(chunk, pb.KVChunk) and chunk.WhichOneof("kind") == "page":
                     chunk = InboundPage(chunk.page, memoryview(chunk.page.payload))
+                rid = chunk.header.request_id if isinstance(chunk, InboundPage) else ""
+                rid = rid or (chunk.done.request_id if not isinstance(chunk, InboundPage) else "")
+                if not request_id:
+                    self._admit(rid, context)  # aborts the call unless authorized
+                    request_id = rid
+                elif rid != request_id:
+                    raise KVTransferError(f"{request_id}: a message for {rid} in its call")
                 if isinstance(chunk, InboundPage):
-                    request_id = chunk.header.request_id
                     nbytes += self._land(chunk.header, chunk.payload)
                     pages += 1
                 elif chunk.WhichOneof("kind") == "done":
@@ -143,11 +176,21 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
                     )
             raise KVTransferError(f"{request_id}: stream ended before done")
         except KVTransferError as error:
-            failed = self.table.fail(request_id, str(error)) if request_id else None
-            if failed is not None:
-                self._announce(failed)
+            self._fail(request_id, str(error))
             context.abort(_status_for(error), str(error))
             raise AssertionError("unreachable: context.abort raises") from error
+        except Exception as error:  # the sender went away or cancelled (or a refusal's abort)
+            self._fail(request_id, f"push ended: {error!r}")
+            raise
+        finally:
+            with self._lock:
+                if self._calls.get(request_id) is context:
+                    del self._calls[request_id]
+
+    def _fail(self, request_id: str, reason: str) -> None:
+        failed = self.table.fail(request_id, reason) if request_id else None
+        if failed is not None:
+            self._announce(failed)
 
     def _land(self, page: pb.KVPage, payload: memoryview) -> int:
         header = header_from_proto(page)
@@ -163,126 +206,4 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
             self.on_failed(transfer)
 
 
-class _Push:
-    """One request's open Push call: an outbound queue that gRPC's stream thread drains."""
-
-    _END = object()
-
-    def __init__(self, call: grpc.StreamUnaryMultiCallable) -> None:
-        self.outbound: queue.SimpleQueue = queue.SimpleQueue()
-        self.future = call.future(iter(self.outbound.get, self._END))
-
-    def close_outbound(self) -> None:
-        self.outbound.put(self._END)
-
-
-class GrpcKVSender:
-    """Streams a request's pages to a decode worker's GrpcKVServer, layer by layer."""
-
-    def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
-        retain_freed_memory()  # encoded messages: reuse heap memory
-        self.max_chunk_bytes = max_chunk_bytes
-        self._lock = threading.Lock()
-        self._channels: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
-        self._pushes: dict[str, _Push] = {}
-
-    def _call(self, endpoint: str) -> grpc.StreamUnaryMultiCallable:
-        with self._lock:
-            if endpoint not in self._channels:
-                channel = grpc.insecure_channel(endpoint, options=GRPC_OPTIONS)
-                call = channel.stream_unary(
-                    PUSH_METHOD,
-                    request_serializer=encode_chunk,
-                    response_deserializer=pb.PushReply.FromString,
-                )
-                self._channels[endpoint] = (channel, call)
-            return self._channels[endpoint][1]
-
-    def begin(self, request_id: str, endpoint: str) -> None:
-        push = _Push(self._call(endpoint))
-        with self._lock:
-            if request_id in self._pushes:
-                push.future.cancel()
-                push.close_outbound()
-                raise KVTransferError(f"{request_id}: transfer already begun")
-            self._pushes[request_id] = push
-
-    def _push(self, request_id: str) -> _Push:
-        with self._lock:
-            push = self._pushes.get(request_id)
-        if push is None:
-            raise KVTransferError(f"{request_id}: no transfer begun")
-        return push
-
-    def send_layer(
-        self,
-        request_id: str,
-        kv_cache: torch.Tensor,
-        layer: int,
-        src_block_ids: Sequence[int],
-        dst_block_ids: Sequence[int],
-    ) -> None:
-        """Copy layer `layer`'s pages into their messages now; they are sent in the background."""
-        push = self._push(request_id)
-        if push.future.done():  # the call already failed: stop computing for nothing
-            self._raise_for(request_id, push, timeout_s=0.0)
-        if len(src_block_ids) != len(dst_block_ids):
-            raise KVTransferError(f"{request_id}: {len(src_block_ids)} src vs {len(dst_block_ids)}")
-        for run in block_chunks(len(src_block_ids), block_nbytes(kv_cache), self.max_chunk_bytes):
-            src = [src_block_ids[i] for i in run]
-            dst = [dst_block_ids[i] for i in run]
-            push.outbound.put(encode_page(request_id, kv_cache, layer, src, dst))
-
-    def finish(
-        self, request_id: str, first_token_id: int, num_prompt_tokens: int, timeout_s: float = 30
-    ) -> None:
-        """Send done and wait for the decode worker's ack; KVTransferError if it is not READY."""
-        push = self._push(request_id)
-        done = pb.KVDone(
-            request_id=request_id,
-            first_token_id=first_token_id,
-            num_prompt_tokens=num_prompt_tokens,
-        )
-        push.outbound.put(pb.KVChunk(done=done))
-        push.close_outbound()
-        self._raise_for(request_id, push, timeout_s)
-
-    def _raise_for(self, request_id: str, push: _Push, timeout_s: float) -> None:
-        """Wait for the call's reply; drop the push, and raise unless the reply is READY."""
-        try:
-            reply = push.future.result(timeout=timeout_s)
-        except grpc.FutureTimeoutError:
-            self.abort(request_id)
-            raise KVTransferError(f"{request_id}: no ack in {timeout_s}s") from None
-        except grpc.FutureCancelledError:
-            self.abort(request_id)
-            raise KVTransferError(f"{request_id}: KV push cancelled") from None
-        except grpc.RpcError as error:
-            self.abort(request_id)
-            raise KVTransferError(
-                f"{request_id}: KV push failed: {error.code().name}: {error.details()}"
-            ) from error
-        self._forget(request_id)
-        if reply.state != TransferState.READY.name:
-            raise KVTransferError(f"{request_id}: decode worker ended the transfer {reply.state}")
-
-    def _forget(self, request_id: str) -> _Push | None:
-        with self._lock:
-            return self._pushes.pop(request_id, None)
-
-    def abort(self, request_id: str) -> None:
-        """Cancel a request's call (the decode worker fails its transfer)."""
-        push = self._forget(request_id)
-        if push is not None:
-            push.future.cancel()
-            push.close_outbound()
-
-    def close(self) -> None:
-        with self._lock:
-            request_ids = list(self._pushes)
-        for request_id in request_ids:
-            self.abort(request_id)
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel, _ in channels:
-            channel.close()
+__all__ = ["GRPC_OPTIONS", "GrpcKVSender", "GrpcKVServer"]

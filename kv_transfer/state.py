@@ -72,6 +72,7 @@ class KVTransfer:
         dst_block_ids: Sequence[int],
         num_layers: int,
         lease_deadline_s: float,
+        tag: str = "",
     ) -> None:
         if num_layers <= 0 or not dst_block_ids:
             raise ValueError("a transfer needs at least one layer and one block")
@@ -79,6 +80,7 @@ class KVTransfer:
         self.dst_block_ids = tuple(dst_block_ids)
         self.num_layers = num_layers
         self.lease_deadline_s = lease_deadline_s
+        self.tag = tag  # what a push must present (kv_transfer.auth); "" = not checked
         self.state = S.RESERVED
         self.first_token_id: int | None = None
         self.num_prompt_tokens: int | None = None
@@ -172,6 +174,7 @@ class TransferTable:
         num_layers: int,
         lease_s: float,
         now: float | None = None,
+        tag: str = "",
     ) -> KVTransfer:
         start = time.monotonic() if now is None else now
         with self._lock:
@@ -180,7 +183,7 @@ class TransferTable:
             clash = sorted(b for b in dst_block_ids if b in self._block_owner)
             if clash:
                 raise KVTransferError(f"{request_id}: blocks {clash} already reserved")
-            transfer = KVTransfer(request_id, dst_block_ids, num_layers, start + lease_s)
+            transfer = KVTransfer(request_id, dst_block_ids, num_layers, start + lease_s, tag)
             self._transfers[request_id] = transfer
             self._block_owner.update(dict.fromkeys(transfer.dst_block_ids, request_id))
             return transfer
@@ -243,6 +246,22 @@ class TransferTable:
                 return None
             transfer.fail(reason)
             return transfer
+
+    def renew(
+        self, request_ids: Iterable[str], lease_s: float, now: float | None = None
+    ) -> list[str]:
+        """The owner is alive: push the leases of these receiving transfers out to now + lease_s.
+        Returns the ids that have no live reservation any more (freed, failed or expired)."""
+        deadline = (time.monotonic() if now is None else now) + lease_s
+        gone = []
+        with self._lock:
+            for request_id in request_ids:
+                transfer = self._transfers.get(request_id)
+                if transfer is None or transfer.state not in _RECEIVING:
+                    gone.append(request_id)
+                else:
+                    transfer.lease_deadline_s = max(transfer.lease_deadline_s, deadline)
+        return gone
 
     def expire(self, now: float | None = None) -> list[KVTransfer]:
         """Expire every receiving transfer past its lease; returns the newly expired."""

@@ -12,3 +12,4 @@ class Ticket:
     block_ids: tuple[int, ...]  # where the prompt's pages go in the decode worker's cache
     endpoint: str  # gRPC KV server "host:port" of the decode worker
     free_blocks: int  # the decode worker's free blocks after this reservation (routing hint)
+    tag: str = ""  # proof of this reservation a KV push presents (kv_transfer.auth)

@@ -24,6 +24,7 @@ import torch
 from engine.errors import InvalidRequestError
 from kv_transfer.state import KVTransfer, TransferTable
 from kv_transfer.ticket import Ticket
+from kv_transfer.tls import KVTLS
 
 ACTOR_NAMESPACE = "splitserve"  # where the fleet creates named worker actors
 
@@ -39,19 +40,28 @@ class TransportConfig:
     kv_host: str = ""  # KV server bind address; "" = the node's own IP; "0.0.0.0" = all
     kv_port: int = 0  # 0 = any free port
     namespace: str = ACTOR_NAMESPACE
+    secret: bytes = b""  # the cluster's KV-push secret (kv_transfer.auth); "" = per worker
+    tls: KVTLS | None = None  # gRPC KV over TLS (kv_transfer.tls)
 
     @classmethod
-    def parse(cls, kind: str, kv_host: str = "", namespace: str = ACTOR_NAMESPACE):
+    def parse(
+        cls,
+        kind: str,
+        kv_host: str = "",
+        namespace: str = ACTOR_NAMESPACE,
+        secret: bytes = b"",
+        tls: KVTLS | None = None,
+    ) -> TransportConfig:
         try:
             transport = TransportKind(kind)
         except ValueError:
             names = ", ".join(k.value for k in TransportKind)
             raise InvalidRequestError(f"unknown kv transport {kind!r}; choose {names}") from None
-        return cls(transport, kv_host, namespace=namespace)
+        return cls(transport, kv_host, namespace=namespace, secret=secret, tls=tls)
 
 
 class KVSender(Protocol):
-    def begin(self, request_id: str, peer: Any) -> None: ...
+    def begin(self, request_id: str, peer: Any, tag: str = "") -> None: ...
 
     def send_layer(
         self,
@@ -66,11 +76,18 @@ class KVSender(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def open_streams(self) -> int: ...
+
     def close(self) -> None: ...
 
 
 class KVReceiver(Protocol):
     endpoint: str
+    refused: int  # pushes refused for want of a valid reservation tag
+
+    def open_streams(self) -> int: ...
+
+    def cancel(self, request_id: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -89,7 +106,7 @@ def make_sender(config: TransportConfig, name: str) -> KVSender:
         return CollectiveKVSender(name, namespace=config.namespace)
     from kv_transfer.grpc_transport import GrpcKVSender
 
-    return GrpcKVSender()
+    return GrpcKVSender(tls=config.tls)
 
 
 def peer_of(config: TransportConfig, ticket: Ticket) -> Any:
@@ -117,7 +134,9 @@ def make_receiver(
     from kv_transfer.grpc_transport import GrpcKVServer
 
     bind = config.kv_host or node
-    server = GrpcKVServer(kv_cache, table, on_ready, bind, config.kv_port, on_failed=on_failed)
+    server = GrpcKVServer(
+        kv_cache, table, on_ready, bind, config.kv_port, on_failed=on_failed, tls=config.tls
+    )
     server.start()
     if bind in ("0.0.0.0", "::", "[::]"):  # listening everywhere: advertise the node's address
         server.endpoint = f"{node}:{server.port}"

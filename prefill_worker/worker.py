@@ -1,11 +1,14 @@
 """Prefill worker (Ray actor `prefill-<i>`): compute a prompt's KV, stream it, sample token 1.
 
-router ── prefill(id, prompt, params, ticket) ──> queued in the engine (prefill_only)
+router ── prefill(id, prompt, params, ticket) ──> queued in the engine (prefill_only);
+           the transfer is noted (its call opens with the first page, carrying ticket.tag)
 each step: the batch's prompts (chunked when long) run layer by layer;
            after layer l: its pages go to the decode worker (sender thread, overlaps l+1)
 last chunk: first token sampled ──> done(first token) to the decode worker, await its ack
 ack ──> own KV released; first token returned to the router (TTFT)
-abort(id) or a failed transfer ──> own KV released, router told
+a failed transfer (peer dead, lease gone, refused) ──> KVTransferError to the router
+abort(id) ──> PrefillAborted
+every exit: the transfer is aborted unless acked, and own KV released (the `finally`)
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class PrefillWorker:
         self.num_layers = self.engine.model_config.num_layers
         self._tickets: dict[str, Ticket] = {}
         self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
+        self._failed: dict[str, str] = {}  # request id -> why its transfer failed
         self.transport = transport or TransportConfig()
         self.sender = make_sender(self.transport, name)
         self.loop = EngineLoop(
@@ -63,18 +67,21 @@ class PrefillWorker:
         }
 
     async def status(self) -> dict[str, Any]:
-        return await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
+        snapshot = await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
+        return {**snapshot, "kv_streams_open": self.sender.open_streams()}
 
     async def prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, ticket: Ticket
     ) -> SampledToken:
         self._tickets[request_id] = ticket
         self._sent_upto[request_id] = 0
-        self.sender.begin(request_id, peer_of(self.transport, ticket))
+        self.sender.begin(request_id, peer_of(self.transport, ticket), ticket.tag)
         first: TokenDelta | None = None
         try:
             async for delta in stream(self.loop, request_id, prompt_token_ids, params):
                 first = delta
+            if request_id in self._failed:
+                raise KVTransferError(self._failed[request_id])
             if first is None or not first.token_ids:
                 raise PrefillAborted(f"request {request_id} ended before its first token")
             token = SampledToken(first.token_ids[0])
@@ -87,8 +94,10 @@ class PrefillWorker:
             )
             return token
         finally:
+            self.sender.abort(request_id)  # a no-op once acked; else the decode side frees
             self._tickets.pop(request_id, None)
             self._sent_upto.pop(request_id, None)
+            self._failed.pop(request_id, None)
             self.loop.call(lambda e: e.release(request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -110,8 +119,9 @@ class PrefillWorker:
             dst = ticket.block_ids[first_block:end_block]
             try:
                 self.sender.send_layer(rid, self.engine.runner.kv_cache, layer, src, dst)
-            except KVTransferError:  # this request's peer failed: end it, not the worker
+            except KVTransferError as error:  # this request's peer failed: end it, not the worker
                 self._tickets.pop(rid, None)
+                self._failed[rid] = str(error)
                 self.loop.abort(rid)
                 continue
             if layer == self.num_layers - 1:

@@ -98,7 +98,7 @@ def test_grpc_to_dead_endpoint_raises_within_timeout(sender):
 
 
 def test_grpc_corrupt_page_fails_transfer_and_sender(decode_side, sender, monkeypatch):
-    import kv_transfer.grpc_transport as gt
+    import kv_transfer.grpc_sender as gt
 
     src = _cache(2, 8)
     decode = decode_side(torch.zeros_like(src))
