@@ -18,6 +18,7 @@ both phases with the same engine and scheduler.
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import secrets
 import time
@@ -65,6 +66,7 @@ class DecodeWorker:
             "vocab_size": c.vocab_size,
             "num_layers": c.num_layers,
             "node": node_address(),
+            "pid": os.getpid(),
             "endpoint": self.endpoint,
         }
 

@@ -14,6 +14,7 @@ every exit: the transfer is aborted unless acked, and own KV released (the `fina
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from engine.engine_config import EngineConfig
@@ -63,6 +64,7 @@ class PrefillWorker:
             "max_model_len": self.engine.max_model_len,
             "vocab_size": c.vocab_size,
             "node": node_address(),
+            "pid": os.getpid(),
             "endpoint": "",
         }
 

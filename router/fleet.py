@@ -4,7 +4,8 @@
         info() answered (model loaded) and status() answered (health) ──> ACTIVE: routable
     scale down ──> DRAINING: no new prompts or reservations; what it holds finishes
         in_flight reaches 0 (or drain_timeout_s) ──> shutdown, actor killed ──> removed
-    a call to it fails (actor or node died) ──> DEAD: removed from routing
+    a call to it fails (actor or node died) ──> DEAD: removed from routing, and a new
+        worker is spawned for its pool (STARTING, routable only after its health check)
 
 Names are never reused (prefill-0, prefill-1, ...), so a ticket always means one actor.
 The router's counters (in_flight, queued_tokens) live on `Worker`; `enter`/`leave`
@@ -53,6 +54,7 @@ class Worker:
     queued_tokens: int = 0  # prompt tokens sent here whose prefill has not returned
     free_blocks: int = 1 << 30  # decode: last known free KV blocks
     engine: dict[str, int] = field(default_factory=dict)  # last status() snapshot
+    pid: int = 0  # the actor's process (for operators, and chaos tests)
     drained: asyncio.Event | None = None
 
     def observe(self, snapshot: dict[str, int]) -> None:
@@ -91,6 +93,11 @@ class Fleet:
             else dataclasses.replace(config.engine, num_threads=threads)
         )
         self._scaling: asyncio.Lock | None = None
+        self.targets: dict[Role, int] = {}  # pool sizes to hold (start, scale); lost -> refill
+        self.replaced = 0  # workers started in place of lost ones
+        self._tasks: set[asyncio.Task] = set()  # replacements and probes in the background
+        self._closing = False
+        self.max_model_len = config.engine.max_model_len or 1 << 30  # set from the workers
 
     # ---- membership ---------------------------------------------------------------
     def members(self, role: Role | None = None) -> list[Worker]:
@@ -98,6 +105,9 @@ class Fleet:
 
     def routable(self, role: Role) -> list[Worker]:
         return [w for w in self.members(role) if w.state is WorkerState.ACTIVE]
+
+    def is_active(self, worker: Worker) -> bool:
+        return worker.state is WorkerState.ACTIVE and self.workers.get(worker.name) is worker
 
     def counts(self) -> dict[Role, int]:
         """Workers per pool that count toward its size (starting, active)."""
@@ -147,11 +157,13 @@ class Fleet:
     def _adopt(self, worker: Worker, info: dict[str, Any], snapshot: dict[str, int]) -> None:
         worker.node = info.get("node", "")
         worker.endpoint = info.get("endpoint", "")
+        worker.pid = info.get("pid", 0)
         worker.observe(snapshot)
         worker.state = WorkerState.ACTIVE
 
     def start(self, counts: dict[Role, int]) -> list[dict[str, Any]]:
         """Blocking start-up of the first pools (before any event loop); their info()."""
+        self.targets = dict(counts)
         spawned = [self.spawn(role) for role, n in counts.items() for _ in range(n)]
         try:
             timeout = self.config.start_timeout_s
@@ -162,6 +174,7 @@ class Fleet:
             raise OverloadedError(_start_timeout_message(self.config)) from None
         for worker, info, snap in zip(spawned, infos, snaps, strict=True):
             self._adopt(worker, info, snap)
+        self.max_model_len = min(i["max_model_len"] for i in infos)
         return infos
 
     async def activate(self, worker: Worker) -> dict[str, Any]:
@@ -200,6 +213,7 @@ class Fleet:
         if self._scaling is None:
             self._scaling = asyncio.Lock()
         async with self._scaling:
+            self.targets.update(targets)
             have = self.counts()
             new = [self.spawn(r) for r, n in targets.items() for _ in range(n - have[r])]
             leaving = [w for r, n in targets.items() for w in self._pick_leaving(r, have[r] - n)]
@@ -245,6 +259,61 @@ class Fleet:
         with contextlib.suppress(Exception):
             ray.kill(worker.actor)
 
+    # ---- losses ------------------------------------------------------------------------
+    def lost(self, worker: Worker) -> None:
+        """A call found the worker's actor dead: out of the pools now, and a new one started
+        for its pool (idempotent: many requests may report the same death)."""
+        if self.workers.get(worker.name) is not worker:
+            return
+        log.warning("%s is lost; starting a replacement", worker.name)
+        self._remove(worker)
+        self._refill()
+
+    def suspect(self, worker: Worker) -> None:
+        """A request failed on the worker for a reason that may be its death: check it."""
+        self._background(self._probe(worker))
+
+    async def _probe(self, worker: Worker) -> None:
+        try:
+            await asyncio.wait_for(worker.actor.status.remote(), self.config.health_timeout_s)
+        except ray.exceptions.ActorDiedError:
+            self.lost(worker)
+        except Exception as exc:  # slow or unreachable for now: the next refresh decides
+            log.warning("%s did not answer a probe: %r", worker.name, exc)
+
+    def _refill(self) -> None:
+        """Start workers for every pool below its target (not while a scale is under way)."""
+        if self._closing or (self._scaling is not None and self._scaling.locked()):
+            return
+        have = self.counts()
+        for role, n in self.targets.items():
+            for _ in range(n - have.get(role, 0)):
+                self.replaced += 1
+                self._background(self._activate_quietly(self.spawn(role)))
+
+    async def _activate_quietly(self, worker: Worker) -> None:
+        try:
+            await self.activate(worker)
+        except SplitServeError as exc:
+            log.error("replacement %s did not start: %s", worker.name, exc)
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_routable(self, role: Role, timeout_s: float) -> list[Worker]:
+        """The pool's active workers; while it has none but one is starting, wait (bounded)."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + timeout_s, 0.05
+        while not (workers := self.routable(role)):
+            starting = any(w.state is WorkerState.STARTING for w in self.members(role))
+            if not starting or loop.time() >= deadline:
+                return []
+            await asyncio.sleep(delay)  # a replacement is loading its model: seconds, rare
+            delay = min(2 * delay, 0.5)
+        return workers
+
     # ---- health and load -------------------------------------------------------------
     async def refresh(self) -> None:
         """Ask every worker for its engine snapshot. One whose actor died is DEAD and leaves
@@ -256,9 +325,8 @@ class Fleet:
             return_exceptions=True,
         )
         for worker, snap in zip(members, snaps, strict=True):
-            if isinstance(snap, ray.exceptions.RayActorError):
-                log.warning("%s is gone: %s", worker.name, snap)
-                self._remove(worker)
+            if isinstance(snap, ray.exceptions.ActorDiedError):
+                self.lost(worker)
             elif isinstance(snap, BaseException):
                 log.warning("%s did not answer its health check: %r", worker.name, snap)
             else:
@@ -268,6 +336,9 @@ class Fleet:
         return all(self.routable(role) for role in self.config.roles)
 
     def shutdown(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
         for worker in list(self.workers.values()):
             with contextlib.suppress(Exception):  # best effort; the kill below is what counts
                 ray.get(worker.actor.shutdown.remote(), timeout=10)

@@ -8,6 +8,7 @@ status() ──> every worker: role, node, state, KV endpoint, load, KV use, pre
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,10 @@ from engine.engine_loop import TokenDelta
 from engine.errors import InvalidRequestError
 from engine.loader import load_tokenizer, resolve_model
 from engine.sampling_params import SamplingParams
+from kv_transfer.auth import new_secret
+from kv_transfer.tls import KVTLS
 from kv_transfer.transport import ACTOR_NAMESPACE, TransportConfig
+from router.admission import AdmissionLimits
 from router.fleet import Fleet, FleetConfig, Worker
 from router.placement import PlacementPolicy, Role, plan_placement
 from router.request_life import RequestLife, Router
@@ -43,6 +47,9 @@ class PoolConfig:
     reserve_timeout_s: float = 30.0
     start_timeout_s: float = 300.0
     drain_timeout_s: float = 60.0
+    max_migrations: int = 3  # a request may move to new workers this often
+    admission: AdmissionLimits | None = None  # None: from the engine (streams = max_num_seqs)
+    kv_tls: KVTLS | None = None  # KV over gRPC with TLS
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -61,7 +68,19 @@ class PoolConfig:
 
     @property
     def transport(self) -> TransportConfig:
-        return TransportConfig.parse(self.kv_transport, self.kv_host, self.namespace)
+        return TransportConfig.parse(
+            self.kv_transport, self.kv_host, self.namespace, tls=self.kv_tls
+        )
+
+    @property
+    def admission_limits(self) -> AdmissionLimits:
+        if self.admission is not None:
+            return self.admission
+        e = self.engine
+        return AdmissionLimits(
+            queued_tokens_per_prefill=4 * e.max_num_batched_tokens,
+            streams_per_decode=e.max_num_seqs,
+        )
 
     @property
     def colocated(self) -> bool:
@@ -97,7 +116,7 @@ class RayBackend:
             FleetConfig(
                 engine=config.engine,
                 placement=placement,
-                transport=config.transport,
+                transport=dataclasses.replace(config.transport, secret=new_secret()),
                 colocated=config.colocated,
                 layerwise=config.layerwise,
                 start_timeout_s=config.start_timeout_s,
@@ -106,7 +125,12 @@ class RayBackend:
         )
         infos = self.fleet.start(counts)
         self.router = Router(
-            self.fleet, PrefixIndex(), config.prefill_policy, config.reserve_timeout_s
+            self.fleet,
+            PrefixIndex(),
+            config.prefill_policy,
+            config.reserve_timeout_s,
+            admission=config.admission_limits,
+            max_migrations=config.max_migrations,
         )
         self._sync_prefix_index()
         self.max_model_len = min(i["max_model_len"] for i in infos)
@@ -154,6 +178,11 @@ class RayBackend:
             "placement": {
                 role.value: dict(res) for role, res in self.fleet.config.placement.resources.items()
             },
+            "recovery": {
+                **dataclasses.asdict(self.router.stats),
+                "workers_replaced": self.fleet.replaced,
+                "leases_held": self.router.leases.held(),
+            },
             "workers": [_worker_status(w) for w in self.fleet.members()],
         }
 
@@ -162,6 +191,7 @@ class RayBackend:
         return self.fleet.healthy()
 
     def shutdown(self) -> None:
+        self.router.leases.close()
         self.fleet.shutdown()
 
 
@@ -172,6 +202,7 @@ def _worker_status(w: Worker) -> dict[str, Any]:
         "state": w.state.value,
         "node": w.node,
         "endpoint": w.endpoint,
+        "pid": w.pid,
         "in_flight": w.in_flight,
         "queued_tokens": w.queued_tokens,
         **w.engine,

@@ -1,41 +1,44 @@
 """One request's life in the router, as a state machine with one cleanup path.
 
-    ROUTED ──reserve KV on decode D (routing.decode_order)──> RESERVED (ticket)
+    admission (router.admission) ──full──> OverloadedError (429)
+    ROUTED ──reserve KV on decode D (routing.decode_order)──> RESERVED (ticket, lease held)
       ──prefill on P (routing.pick_prefill)──> PREFILLING ──first token──> STREAMING
       ──D's deltas until a finish reason──> FINISHED
     colocated: ROUTED ──worker W──> STREAMING ──> FINISHED
+    a worker lost mid-way (actor died, KV transfer failed, the worker ended it) ──> MIGRATING:
+      the attempt is dropped and a new one starts on live workers with the prompt plus every
+      token already sent, so the client's stream goes on with no gap and no repeat
+      (at most max_migrations; a failed KV transfer is retried once) ──> else FAILED (503)
     client left, stop string, or the caller stopped iterating ──> ABORTED
-    an error on any worker ──> FAILED
 
-Every ending goes through `_end`: the workers it touched are told to abort (unless it
-finished), and the fleet's counters are given back, which is what lets a draining
-worker leave.
+Every attempt has its own id on the workers (`<id>`, `<id>~1`, ...), so a dropped
+attempt's leftovers can never meet the next one. Every ending goes through `_drop`: the
+workers the attempt touched are told to abort (unless it finished) and the fleet's
+counters are given back, which is what lets a draining worker leave.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
-import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+
+import ray
 
 from engine.engine_loop import TokenDelta
-from engine.errors import OverloadedError
+from engine.errors import OverloadedError, UnavailableError
 from engine.sampling_params import SamplingParams
+from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
-from router.fleet import Fleet, Worker, WorkerState
+from router.admission import PoolLoad, check_decode, check_prefill
+from router.fleet import Worker
 from router.placement import Role
-from router.routing import (
-    DecodeLoad,
-    PrefillLoad,
-    PrefillPolicy,
-    PrefixIndex,
-    block_hashes,
-    decode_order,
-    pick_prefill,
-)
+from router.router_state import Router
+from router.routing import PrefillPolicy, block_hashes, pick_prefill
+
+__all__ = ["Phase", "RequestLife", "Router", "WorkerLost"]
 
 
 class Phase(enum.Enum):
@@ -43,149 +46,260 @@ class Phase(enum.Enum):
     RESERVED = "reserved"
     PREFILLING = "prefilling"
     STREAMING = "streaming"
+    MIGRATING = "migrating"
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"
 
 
-@dataclass(slots=True)
-class Router:
-    """What every request's life shares: the fleet, the prefix index and the policy."""
+class WorkerLost(Exception):
+    """An attempt failed on `worker`: `dead` when its actor is gone, `transfer` when the
+    KV transfer to it failed (the prefill side reported it)."""
 
-    fleet: Fleet
-    prefix_index: PrefixIndex
-    policy: PrefillPolicy = PrefillPolicy.PREFIX
-    reserve_timeout_s: float = 30.0
-    rng: random.Random = field(default_factory=random.Random)
+    def __init__(self, worker: Worker, reason: str, dead: bool = False, transfer: bool = False):
+        super().__init__(f"{worker.name}: {reason}")
+        self.worker, self.dead, self.transfer = worker, dead, transfer
 
 
 class RequestLife:
     def __init__(self, router: Router, rid: str, ids: list[int], params: SamplingParams):
         self.router, self.rid, self.ids, self.params = router, rid, ids, params
         self.phase = Phase.ROUTED
+        self.attempt = 0
+        self.attempt_rid = rid
+        self.generated: list[int] = []  # tokens the client has been given
         self.ticket: Ticket | None = None
         self.prefill: Worker | None = None
         self.decode: Worker | None = None
-        self.tokens_sent = 0
         self._queued = 0  # prompt tokens counted on the prefill worker's queue
         self._finished = False  # a delta carried a finish reason
-        self._ended = False
+        self._transfer_failures = 0
+
+    @property
+    def tokens_sent(self) -> int:
+        return len(self.generated)
 
     async def run(self) -> AsyncIterator[TokenDelta]:
+        self._admit()
         try:
-            stream = self._colocated() if self.router.fleet.config.colocated else self._split()
-            async with aclosing(stream):
-                async for delta in stream:
-                    self.tokens_sent += len(delta.token_ids)
+            async with aclosing(self._attempts()) as attempts:
+                async for delta in attempts:
+                    self.generated.extend(delta.token_ids)
                     self._finished = self._finished or delta.finish_reason is not None
                     yield delta
         except (GeneratorExit, asyncio.CancelledError):
-            self._end(Phase.ABORTED)
+            self._drop(Phase.ABORTED)
             raise
         except BaseException:
-            self._end(Phase.FAILED)
+            self._drop(Phase.FAILED)
             raise
         finally:
-            self._end(Phase.ABORTED)  # the stream ended without a finish reason
+            self._drop(Phase.FINISHED if self._finished else Phase.ABORTED)
 
-    async def _colocated(self) -> AsyncGenerator[TokenDelta, None]:
-        workers = self.router.fleet.routable(Role.COLOCATED)
+    # ---- admission ----------------------------------------------------------------------
+    def _admit(self) -> None:
+        router, fleet = self.router, self.router.fleet
+        if fleet.config.colocated:
+            workers = fleet.routable(Role.COLOCATED)
+            held = sum(w.in_flight for w in workers)
+            check_decode(router.admission, PoolLoad(max(1, len(workers)), held))
+            return
+        prefills, decodes = fleet.routable(Role.PREFILL), fleet.routable(Role.DECODE)
+        queued = sum(w.queued_tokens for w in prefills)
+        check_prefill(router.admission, PoolLoad(max(1, len(prefills)), 0, queued), len(self.ids))
+        held = sum(w.in_flight for w in decodes)
+        load = PoolLoad(max(1, len(decodes)), held, waiting=router.reserving)
+        check_decode(router.admission, load)
+
+    # ---- attempts and migration -----------------------------------------------------------
+    async def _attempts(self) -> AsyncGenerator[TokenDelta, None]:
+        avoid: set[str] = set()  # workers this request has failed on
+        while True:
+            params = self._remaining_params()
+            if params is None:  # the lost worker had produced every token asked for
+                yield TokenDelta(self.rid, [], None, "length", len(self.ids), len(self.generated))
+                return
+            ids = self.ids + self.generated
+            colocated = self.router.fleet.config.colocated
+            stream = self._colocated(ids, params) if colocated else self._split(ids, params, avoid)
+            try:
+                async with aclosing(stream):
+                    async for delta in stream:
+                        yield self._rebase(delta)
+                return
+            except WorkerLost as lost:
+                self._next_attempt(lost, avoid)
+
+    def _next_attempt(self, lost: WorkerLost, avoid: set[str]) -> None:
+        router = self.router
+        self._drop(Phase.MIGRATING, lost.worker if lost.dead else None)
+        avoid.add(lost.worker.name)
+        if lost.dead:
+            router.fleet.lost(lost.worker)
+        else:
+            router.fleet.suspect(lost.worker)
+        self._transfer_failures += lost.transfer
+        if self._transfer_failures > router.transfer_retries:
+            raise UnavailableError(f"KV transfer failed on a retry too ({lost}); try again")
+        if self.attempt >= router.max_migrations:
+            raise UnavailableError(f"request lost {self.attempt + 1} workers ({lost}); try again")
+        self.attempt += 1
+        self.attempt_rid = f"{self.rid}~{self.attempt}"
+        router.stats.record(lost, resumed_tokens=len(self.generated))
+
+    def _remaining_params(self) -> SamplingParams | None:
+        left = self.params.max_tokens - len(self.generated)
+        room = self.router.fleet.max_model_len - len(self.ids) - len(self.generated)
+        if not self.generated:
+            return self.params
+        if left <= 0 or room <= 0:
+            return None
+        return dataclasses.replace(self.params, max_tokens=left)
+
+    def _rebase(self, delta: TokenDelta) -> TokenDelta:
+        """A delta of the current attempt, counted against the client's request."""
+        delta.request_id = self.rid
+        delta.num_prompt_tokens = len(self.ids)
+        delta.num_output_tokens = len(self.generated) + len(delta.token_ids)
+        return delta
+
+    # ---- one attempt ---------------------------------------------------------------------
+    async def _colocated(self, ids: list[int], params: SamplingParams):
+        fleet, rng = self.router.fleet, self.router.rng
+        workers = await fleet.wait_routable(Role.COLOCATED, self.router.reserve_timeout_s)
         if not workers:
-            raise OverloadedError("no worker is active; try again later")
-        rng = self.router.rng
+            raise UnavailableError("no worker is active; try again later")
         self.decode = min(workers, key=lambda w: (w.in_flight, rng.random()))
-        self.router.fleet.enter(self.decode)
+        fleet.enter(self.decode)
         self.phase = Phase.STREAMING
         actor = self.decode.actor
         stream = actor.generate.options(num_returns="streaming").remote(
-            self.rid, self.ids, self.params
+            self.attempt_rid, ids, params
         )
-        async for delta in _relay(stream):
+        async for delta in _relay(stream, self.decode):
             yield delta
 
-    async def _split(self) -> AsyncGenerator[TokenDelta, None]:
-        await self._reserve()
-        assert self.decode is not None and self.ticket is not None
-        stream = self.decode.actor.stream.options(num_returns="streaming").remote(self.rid)
-        self.prefill, cached = self._pick_prefill()
-        n = len(self.ids)
-        self._queued = max(0, n - cached)  # the work it adds there: what is not cached
-        self.router.fleet.enter(self.prefill, self._queued)
+    async def _split(self, ids: list[int], params: SamplingParams, avoid: set[str]):
+        decode, ticket = await self._reserve(ids, params, avoid)
+        stream = decode.actor.stream.options(num_returns="streaming").remote(self.attempt_rid)
+        prefill = await self._pick_prefill(ids, avoid)
         self.phase = Phase.PREFILLING
-        first = await self.prefill.actor.prefill.remote(
-            self.rid, self.ids, self.params, self.ticket
-        )
+        leases = self.router.leases
+        leases.hold(decode, self.attempt_rid)
+        try:
+            first = await prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
+        except KVTransferError as exc:  # the prefill worker could not hand its KV to D
+            raise WorkerLost(decode, f"KV transfer failed: {exc}", transfer=True) from None
+        except ray.exceptions.RayActorError as exc:
+            dead = isinstance(exc, ray.exceptions.ActorDiedError)
+            raise WorkerLost(prefill, "died during prefill", dead=dead) from None
+        except ray.exceptions.RayTaskError as exc:  # it ended the prompt on its own
+            raise WorkerLost(prefill, f"prefill failed: {exc.cause!r}") from None
+        finally:
+            leases.drop(decode, self.attempt_rid)
         # its KV went to D and was released: the prefill worker is done with this request
-        self.router.fleet.leave(self.prefill, self._queued)
+        self.router.fleet.leave(prefill, self._queued)
         self.prefill, self._queued = None, 0
         self.phase = Phase.STREAMING
-        logprobs = [first] if self.params.logprobs is not None else None
-        yield TokenDelta(self.rid, [first.token_id], logprobs, None, n, 1)
-        async for delta in _relay(stream):
+        logprobs = [first] if params.logprobs is not None else None
+        yield TokenDelta(self.rid, [first.token_id], logprobs, None, len(ids), 1)
+        async for delta in _relay(stream, decode):
             yield delta
 
-    async def _reserve(self) -> None:
+    async def _reserve(
+        self, ids: list[int], params: SamplingParams, avoid: set[str]
+    ) -> tuple[Worker, Ticket]:
         """KV on the decode worker with the most room; wait (bounded) while all are full."""
-        fleet = self.router.fleet
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.router.reserve_timeout_s
-        delay = 0.01
-        while True:
-            workers = {w.name: w for w in fleet.routable(Role.DECODE)}
-            loads = [DecodeLoad(w.name, w.free_blocks, w.in_flight) for w in workers.values()]
-            for name in decode_order(loads, self.router.rng):
-                worker = workers[name]
-                if worker.state is not WorkerState.ACTIVE:  # began draining while we awaited
-                    continue
-                ticket = await worker.actor.reserve.remote(self.rid, self.ids, self.params)
-                if ticket is None:
-                    worker.free_blocks = 0
-                    continue
-                worker.free_blocks = ticket.free_blocks
-                if worker.state is not WorkerState.ACTIVE:  # draining now: give the KV back
-                    worker.actor.abort.remote(self.rid)
-                    continue
-                self.decode, self.ticket, self.phase = worker, ticket, Phase.RESERVED
-                fleet.enter(worker)
-                return
-            if loop.time() > deadline:
-                raise OverloadedError("no decode worker has free KV blocks; try again later")
-            await asyncio.sleep(delay)  # back-off while decodes finish and free blocks
-            delay = min(delay * 2, 0.5)
-
-    def _pick_prefill(self) -> tuple[Worker, int]:
-        """The prefill worker for this prompt, and how many of its tokens it has cached."""
         router = self.router
-        workers = {w.name: w for w in router.fleet.routable(Role.PREFILL)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + router.reserve_timeout_s
+        delay = 0.01
+        router.reserving += 1
+        try:
+            while True:
+                workers = await router.fleet.wait_routable(Role.DECODE, router.reserve_timeout_s)
+                if not workers:
+                    raise UnavailableError("no decode worker is active; try again later")
+                for worker in router.decode_order(workers, avoid):
+                    ticket = await self._try_reserve(worker, ids, params)
+                    if ticket is not None:
+                        return worker, ticket
+                if loop.time() > deadline:
+                    raise OverloadedError("no decode worker has free KV blocks; try again later")
+                await asyncio.sleep(delay)  # back-off while decodes finish and free blocks
+                delay = min(delay * 2, 0.5)
+        finally:
+            router.reserving -= 1
+
+    async def _try_reserve(
+        self, worker: Worker, ids: list[int], params: SamplingParams
+    ) -> Ticket | None:
+        fleet = self.router.fleet
+        if not fleet.is_active(worker):  # began draining, or was lost, while we awaited
+            return None
+        try:
+            ticket = await worker.actor.reserve.remote(self.attempt_rid, ids, params)
+        except ray.exceptions.RayActorError as exc:
+            if isinstance(exc, ray.exceptions.ActorDiedError):
+                fleet.lost(worker)
+            return None
+        if ticket is None:
+            worker.free_blocks = 0
+            return None
+        worker.free_blocks = ticket.free_blocks
+        if not fleet.is_active(worker):  # draining now: give the KV back
+            worker.actor.abort.remote(self.attempt_rid)
+            return None
+        self.decode, self.ticket, self.phase = worker, ticket, Phase.RESERVED
+        fleet.enter(worker)
+        return ticket
+
+    async def _pick_prefill(self, ids: list[int], avoid: set[str]) -> Worker:
+        """The prefill worker for this prompt; its queue counts the tokens it must compute."""
+        router = self.router
+        found = await router.fleet.wait_routable(Role.PREFILL, router.reserve_timeout_s)
+        workers = {w.name: w for w in found if w.name not in avoid} or {w.name: w for w in found}
         if not workers:
-            raise OverloadedError("no prefill worker is active; try again later")
+            raise UnavailableError("no prefill worker is active; try again later")
         bs = router.fleet.config.engine.block_size
         # only the prefix policy reads the index: other policies skip hashing the prompt
-        hashes = block_hashes(self.ids, bs) if router.policy is PrefillPolicy.PREFIX else []
+        hashes = block_hashes(ids, bs) if router.policy is PrefillPolicy.PREFIX else []
         cached = {n: bs * router.prefix_index.cached_blocks(n, hashes) for n in workers}
-        loads = [PrefillLoad(n, w.queued_tokens, cached[n]) for n, w in workers.items()]
-        name = pick_prefill(loads, len(self.ids), router.policy, router.rng)
+        loads = [router.prefill_load(n, w, cached[n]) for n, w in workers.items()]
+        name = pick_prefill(loads, len(ids), router.policy, router.rng)
         router.prefix_index.record(name, hashes)
-        return workers[name], cached[name]
+        self.prefill = workers[name]
+        self._queued = max(0, len(ids) - cached[name])  # the work it adds: what is not cached
+        router.fleet.enter(self.prefill, self._queued)
+        return self.prefill
 
-    def _end(self, phase: Phase) -> None:
-        """The one cleanup: abort where not finished, give the fleet its counters back."""
-        if self._ended:
+    # ---- the one cleanup -------------------------------------------------------------------
+    def _drop(self, phase: Phase, dead: Worker | None = None) -> None:
+        """End the current attempt: abort where not finished (not on a dead worker), give
+        the fleet its counters back. Idempotent; `run` calls it on every exit."""
+        if self.phase in (Phase.FINISHED, Phase.ABORTED, Phase.FAILED):
             return
-        self._ended = True
-        finished = self._finished
-        self.phase = Phase.FINISHED if finished else phase
+        self.phase = phase
         for worker, tokens in ((self.prefill, self._queued), (self.decode, 0)):
             if worker is None:
                 continue
-            if not finished:
-                worker.actor.abort.remote(self.rid)
+            if not self._finished and worker is not dead:
+                worker.actor.abort.remote(self.attempt_rid)
             self.router.fleet.leave(worker, tokens)
-        self.prefill = self.decode = None
+        self.prefill = self.decode = self.ticket = None
+        self._queued = 0
 
 
-async def _relay(stream) -> AsyncIterator[TokenDelta]:
-    """Flatten a worker's streamed batches of deltas."""
-    async for ref in stream:
-        for delta in await ref:
-            yield delta
+async def _relay(stream, worker: Worker) -> AsyncIterator[TokenDelta]:
+    """Flatten a worker's streamed batches of deltas; a worker that dies or ends the request
+    on its own (lease lost, engine error) is a lost worker, not the end of the stream."""
+    try:
+        async for ref in stream:
+            for delta in await ref:
+                if delta.finish_reason in ("abort", "error"):
+                    dead = delta.finish_reason == "error"  # its engine loop died
+                    raise WorkerLost(worker, f"ended the request ({delta.finish_reason})", dead)
+                yield delta
+    except ray.exceptions.RayActorError as exc:
+        dead = isinstance(exc, ray.exceptions.ActorDiedError)
+        raise WorkerLost(worker, "died while streaming", dead=dead) from None

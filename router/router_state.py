@@ -1,0 +1,60 @@
+"""What every request's life shares: the fleet, the prefix index, the policies and limits,
+the lease keeper, and the counters of what went wrong and was recovered."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from router.admission import AdmissionLimits
+from router.fleet import Fleet, Worker
+from router.leases import LeaseKeeper
+from router.routing import DecodeLoad, PrefillLoad, PrefillPolicy, PrefixIndex, decode_order
+
+if TYPE_CHECKING:
+    from router.request_life import WorkerLost
+
+
+@dataclass(slots=True)
+class RecoveryStats:
+    """Counters of recovered failures (/status, metrics)."""
+
+    migrations: int = 0  # streams moved to a new pair after tokens had gone out
+    retries: int = 0  # attempts restarted before the first token
+    transfer_failures: int = 0  # KV transfers that failed (retried once each)
+    workers_lost: int = 0  # lost-worker reports by requests (one death may count several)
+
+    def record(self, lost: WorkerLost, resumed_tokens: int) -> None:
+        if resumed_tokens:
+            self.migrations += 1
+        else:
+            self.retries += 1
+        self.transfer_failures += lost.transfer
+        self.workers_lost += lost.dead
+
+
+@dataclass(slots=True)
+class Router:
+    fleet: Fleet
+    prefix_index: PrefixIndex
+    policy: PrefillPolicy = PrefillPolicy.PREFIX
+    reserve_timeout_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    max_migrations: int = 3  # attempts after the first, per request
+    transfer_retries: int = 1  # a failed KV transfer is retried this often, then 503
+    leases: LeaseKeeper = field(default_factory=LeaseKeeper)
+    stats: RecoveryStats = field(default_factory=RecoveryStats)
+    reserving: int = 0  # requests waiting for KV room right now
+
+    def decode_order(self, workers: list[Worker], avoid: set[str]) -> list[Worker]:
+        """Decode workers to try, most room first; the ones this request failed on last."""
+        by_name = {w.name: w for w in workers}
+        loads = [DecodeLoad(w.name, w.free_blocks, w.in_flight) for w in workers]
+        order = [by_name[n] for n in decode_order(loads, self.rng)]
+        return [w for w in order if w.name not in avoid] + [w for w in order if w.name in avoid]
+
+    @staticmethod
+    def prefill_load(name: str, worker: Worker, cached_tokens: int) -> PrefillLoad:
+        return PrefillLoad(name, worker.queued_tokens, cached_tokens)
