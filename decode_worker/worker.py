@@ -18,8 +18,8 @@ both phases with the same engine and scheduler.
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
