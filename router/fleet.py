@@ -56,6 +56,7 @@ class Worker:
     engine: dict[str, int] = field(default_factory=dict)  # last status() snapshot
     pid: int = 0  # the actor's process (for operators, and chaos tests)
     drained: asyncio.Event | None = None
+    activating: asyncio.Task | None = None  # a replacement's start-up, in the background
 
     def observe(self, snapshot: dict[str, int]) -> None:
         """Take in an engine snapshot (status()): load and KV use for /status and routing."""
@@ -289,7 +290,10 @@ class Fleet:
         for role, n in self.targets.items():
             for _ in range(n - have.get(role, 0)):
                 self.replaced += 1
-                self._background(self._activate_quietly(self.spawn(role)))
+                self._start_in_background(self.spawn(role))
+
+    def _start_in_background(self, worker: Worker) -> None:
+        worker.activating = self._background(self._activate_quietly(worker))
 
     async def _activate_quietly(self, worker: Worker) -> None:
         try:
@@ -297,10 +301,11 @@ class Fleet:
         except SplitServeError as exc:
             log.error("replacement %s did not start: %s", worker.name, exc)
 
-    def _background(self, coro) -> None:
+    def _background(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def wait_routable(self, role: Role, timeout_s: float) -> list[Worker]:
         """The pool's active workers; while it has none but one is starting, wait (bounded)."""
@@ -318,6 +323,9 @@ class Fleet:
     async def refresh(self) -> None:
         """Ask every worker for its engine snapshot. One whose actor died is DEAD and leaves
         the pools; one that is only slow to answer (a long prefill step) keeps its place."""
+        for w in self.members():  # a replacement whose start-up task was cut off: resume it
+            if w.activating is not None and w.activating.done() and w.state is WorkerState.STARTING:
+                self._start_in_background(w)
         members = [w for w in self.members() if w.state is not WorkerState.STARTING]
         timeout = self.config.health_timeout_s
         snaps = await asyncio.gather(

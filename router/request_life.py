@@ -209,27 +209,46 @@ class RequestLife:
     async def _reserve(
         self, ids: list[int], params: SamplingParams, avoid: set[str]
     ) -> tuple[Worker, Ticket]:
-        """KV on the decode worker with the most room; wait (bounded) while all are full."""
+        """KV on the decode worker with the most room. While none has room, wait in line
+        (first come, first served; bounded by reserve_timeout_s) as decodes free blocks."""
         router = self.router
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + router.reserve_timeout_s
-        delay = 0.01
+        line = router.reserve_line()
         router.reserving += 1
         try:
-            while True:
-                workers = await router.fleet.wait_routable(Role.DECODE, router.reserve_timeout_s)
-                if not workers:
-                    raise UnavailableError("no decode worker is active; try again later")
-                for worker in router.decode_order(workers, avoid):
-                    ticket = await self._try_reserve(worker, ids, params)
-                    if ticket is not None:
-                        return worker, ticket
-                if loop.time() > deadline:
-                    raise OverloadedError("no decode worker has free KV blocks; try again later")
-                await asyncio.sleep(delay)  # back-off while decodes finish and free blocks
-                delay = min(delay * 2, 0.5)
+            # nobody is waiting: try at once
+            got = None if line.locked() else await self._reserve_round(ids, params, avoid)
+            if got is not None:
+                return got
+            async with line:  # the longest waiter tries first
+                return await self._reserve_waiting(ids, params, avoid)
         finally:
             router.reserving -= 1
+
+    async def _reserve_waiting(
+        self, ids: list[int], params: SamplingParams, avoid: set[str]
+    ) -> tuple[Worker, Ticket]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.router.reserve_timeout_s
+        delay = 0.01
+        while (got := await self._reserve_round(ids, params, avoid)) is None:
+            if loop.time() > deadline:
+                raise OverloadedError("no decode worker has free KV blocks; try again later")
+            await asyncio.sleep(delay)  # back-off while decodes finish and free blocks
+            delay = min(delay * 2, 0.25)
+        return got
+
+    async def _reserve_round(
+        self, ids: list[int], params: SamplingParams, avoid: set[str]
+    ) -> tuple[Worker, Ticket] | None:
+        router = self.router
+        workers = await router.fleet.wait_routable(Role.DECODE, router.reserve_timeout_s)
+        if not workers:
+            raise UnavailableError("no decode worker is active; try again later")
+        for worker in router.decode_order(workers, avoid):
+            ticket = await self._try_reserve(worker, ids, params)
+            if ticket is not None:
+                return worker, ticket
+        return None
 
     async def _try_reserve(
         self, worker: Worker, ids: list[int], params: SamplingParams

@@ -3,6 +3,7 @@ the lease keeper, and the counters of what went wrong and was recovered."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -47,6 +48,15 @@ class Router:
     leases: LeaseKeeper = field(default_factory=LeaseKeeper)
     stats: RecoveryStats = field(default_factory=RecoveryStats)
     reserving: int = 0  # requests waiting for KV room right now
+    _line: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    def reserve_line(self) -> asyncio.Lock:
+        """The line of requests waiting for KV room, first come first served (asyncio.Lock
+        wakes its waiters in order); one per event loop."""
+        loop = asyncio.get_running_loop()
+        if self._line is None or self._line[0] is not loop:
+            self._line = (loop, asyncio.Lock())
+        return self._line[1]
 
     def decode_order(self, workers: list[Worker], avoid: set[str]) -> list[Worker]:
         """Decode workers to try, most room first; the ones this request failed on last."""

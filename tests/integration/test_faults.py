@@ -76,26 +76,26 @@ def _held(status) -> dict[str, dict[str, int]]:
     }
 
 
-def _wait_nothing_held(backend, timeout_s=30.0):
+async def _wait_nothing_held(backend, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
     while True:
-        status = asyncio.run(backend.status())
+        status = await backend.status()
         held = {name: h for name, h in _held(status).items() if h}
         if not held and not status["recovery"]["leases_held"]:
             return status
         assert time.monotonic() < deadline, f"still held: {held}"
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
 
 
-def _wait_pools(backend, prefill, decode, timeout_s=120.0):
+async def _wait_pools(backend, prefill, decode, timeout_s=120.0):
     deadline = time.monotonic() + timeout_s
     while True:
-        status = asyncio.run(backend.status())
+        status = await backend.status()
         active = [w["role"] for w in status["workers"] if w["state"] == "active"]
         if active.count("prefill") == prefill and active.count("decode") == decode:
             return status
         assert time.monotonic() < deadline, f"pools not back: {status['workers']}"
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
 
 
 async def _collect(backend, rid, ids, params, progress=None):
@@ -127,23 +127,24 @@ def test_killed_decode_and_prefill_lose_no_request(backend, expected):
             await asyncio.sleep(0.05)
         os.kill(pids["decode-0"], signal.SIGKILL)
         os.kill(pids["prefill-0"], signal.SIGKILL)
-        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
+        # the replacements start in the background of this loop: wait for them here
+        return results, await _wait_pools(backend, prefill=2, decode=2)
 
-    results = asyncio.run(run())
+    results, status = asyncio.run(run())
     assert len(results) == 200
     wrong = [i for i, (p, tokens) in enumerate(results) if tokens != expected[p]]
     assert wrong == [], f"{len(wrong)} requests differ from a clean run, e.g. {wrong[:5]}"
-    status = _wait_pools(backend, prefill=2, decode=2)
     names = {w["name"] for w in status["workers"]}
     assert "decode-0" not in names and "prefill-0" not in names  # replaced, names not reused
     recovery = status["recovery"]
     assert recovery["migrations"] >= 1, recovery  # streams moved after tokens had gone out
     assert recovery["workers_replaced"] >= 2, recovery
-    _wait_nothing_held(backend)
+    asyncio.run(_wait_nothing_held(backend))
 
 
 def test_a_thousand_aborts_leave_nothing_held(backend, expected):
-    _wait_pools(backend, prefill=2, decode=2)
+    asyncio.run(_wait_pools(backend, prefill=2, decode=2))
     rng = random.Random(3)
     outcomes = {"abandoned": 0, "refused": 0}
 
@@ -186,7 +187,7 @@ def test_a_thousand_aborts_leave_nothing_held(backend, expected):
     asyncio.run(run())
     print(f"1000 abandoned requests: {outcomes} in {time.monotonic() - t0:.1f} s")
     assert outcomes["abandoned"] >= 900, outcomes
-    _wait_nothing_held(backend)
+    asyncio.run(_wait_nothing_held(backend))
 
     async def after():
         return await asyncio.wait_for(
@@ -201,4 +202,4 @@ def test_a_thousand_aborts_leave_nothing_held(backend, expected):
 
     results = asyncio.run(after())
     assert results == [expected[i % len(PROMPTS)] for i in range(50)]
-    _wait_nothing_held(backend)
+    asyncio.run(_wait_nothing_held(backend))
