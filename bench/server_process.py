@@ -51,11 +51,19 @@ def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
 
 class ServerProcess:
     """`splitserve serve` on free ports (HTTP, gRPC, Ray dashboard); its output goes to a
-    temporary log file (a pipe nobody reads would stall a chatty server), `log()` reads it."""
+    temporary log file (a pipe nobody reads would stall a chatty server), `log()` reads it.
+    `api_key`: the server asks for it (given in its environment, out of the process list),
+    and `status()` sends it; `headers` is what a client of this server sends."""
 
     def __init__(
-        self, *serve_args: str, start_timeout_s: float = 240.0, env: dict[str, str] | None = None
+        self,
+        *serve_args: str,
+        start_timeout_s: float = 240.0,
+        env: dict[str, str] | None = None,
+        api_key: str | None = None,
     ):
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        keyed = {"SPLITSERVE_API_KEY": api_key} if api_key else {}
         self.port, self.grpc_port, self.dashboard_port = free_port(), free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -78,7 +86,7 @@ class ServerProcess:
             ],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
-            env={**(os.environ if env is None else env), "RAY_DEDUP_LOGS": "0"},
+            env={**(os.environ if env is None else env), "RAY_DEDUP_LOGS": "0", **keyed},
             start_new_session=True,
         )
         try:
@@ -96,7 +104,8 @@ class ServerProcess:
             return f.read()
 
     def status(self) -> dict:
-        with urllib.request.urlopen(self.base + "/status", timeout=10) as r:
+        req = urllib.request.Request(self.base + "/status", headers=self.headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.load(r)
 
     def wait_no_kv_held(self, timeout_s: float = 30) -> None:

@@ -2,6 +2,8 @@
 
 Python: `scale("http://127.0.0.1:8000", prefill=2, decode=2)` returns the new pool sizes;
 a running server answers once new workers are active and removed ones have drained.
+A server started with an API key wants it here too: `api_key=`, `--api-key` or
+$SPLITSERVE_API_KEY (router.access.resolve_api_key).
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import urllib.request
 from typing import Any
 
 from engine.errors import SplitServeError
+from router.access import API_KEY_ENV, resolve_api_key
 
 
-def _call(url: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
+def _call(
+    url: str,
+    body: dict[str, Any] | None = None,
+    timeout_s: float = 10.0,
+    api_key: str | None = None,
+) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.load(resp)
@@ -27,6 +38,8 @@ def _call(url: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0)
             message = json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
+        if exc.code == 401:
+            message += f" (give the server's key: --api-key or ${API_KEY_ENV})"
         raise SplitServeError(f"{url}: {exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise SplitServeError(f"cannot reach splitserve at {url}: {exc}") from None
@@ -38,6 +51,7 @@ def scale(
     decode: int | None = None,
     colocated: int | None = None,
     timeout_s: float = 900.0,
+    api_key: str | None = None,
 ) -> dict[str, int]:
     """Resize a running server's pools; SplitServeError with the server's message if refused."""
     wanted = {"prefill": prefill, "decode": decode, "colocated": colocated}
@@ -47,21 +61,22 @@ def scale(
     for pool, n in body.items():
         if n < 0:
             raise SplitServeError(f"--{pool} must be 0 or more, got {n}")
-    return _call(url.rstrip("/") + "/admin/scale", body, timeout_s)["pools"]
+    return _call(url.rstrip("/") + "/admin/scale", body, timeout_s, api_key)["pools"]
 
 
-def status(url: str) -> dict[str, Any]:
-    return _call(url.rstrip("/") + "/status")
+def status(url: str, api_key: str | None = None) -> dict[str, Any]:
+    return _call(url.rstrip("/") + "/status", api_key=api_key)
 
 
 def run_scale(args: argparse.Namespace) -> int:
-    pools = scale(args.url, args.prefill, args.decode, args.colocated, args.timeout)
+    key = resolve_api_key(args.api_key)
+    pools = scale(args.url, args.prefill, args.decode, args.colocated, args.timeout, key)
     print("pools now: " + ", ".join(f"{pool} {n}" for pool, n in pools.items()))
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
-    report = status(args.url)
+    report = status(args.url, resolve_api_key(args.api_key))
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

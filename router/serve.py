@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
+import sys
+from typing import TYPE_CHECKING
 
 from engine.engine_config import EngineConfig
+from router.access import API_KEY_ENV, GRACE_S, resolve_api_key
+
+if TYPE_CHECKING:
+    import grpc
 
 DASHBOARD_PORT = 8265
 
@@ -62,7 +69,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default="splitserve",
         help="Ray namespace of the workers' named actors (one per server on a shared cluster)",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the HTTP and gRPC APIs listen on (default: loopback only); any other, "
+        "such as 0.0.0.0, exposes them to the network: set an API key",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument(
@@ -88,6 +100,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per worker")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--served-model-name", default=None)
+    add_access_args(p)
+
+
+def add_access_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"key every HTTP (Authorization: Bearer KEY) and gRPC (metadata authorization: "
+        f"Bearer KEY) call must carry; /health and /metrics stay open (default: ${API_KEY_ENV}, "
+        f"which keeps the key out of the process list; none: no key asked)",
+    )
+    p.add_argument("--grpc-tls-cert", default=None, help="PEM certificate chain: gRPC over TLS")
+    p.add_argument("--grpc-tls-key", default=None, help="PEM private key of --grpc-tls-cert")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=GRACE_S,
+        help="on SIGTERM/SIGINT: new requests get 503/UNAVAILABLE while in-flight ones get up "
+        "to this many seconds to finish; then the server exits",
+    )
 
 
 def _check_reachable(address: str) -> None:
@@ -142,12 +174,53 @@ def _cpus_per_worker(asked: float | None, cpus: float, workers: int, use_gpu: bo
     return 1.0 if use_gpu else max(0.1, min(1.0, (cpus - 0.25) / (2 * workers)))
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def _client_access(args: argparse.Namespace) -> tuple[str | None, grpc.ServerCredentials | None]:
+    """The API key and the gRPC TLS credentials, checked before anything starts."""
+    from engine.errors import SplitServeError
+    from router.auth import grpc_tls_credentials
+
+    if args.shutdown_grace < 0:
+        raise SplitServeError(f"--shutdown-grace must be 0 or more, got {args.shutdown_grace}")
+    api_key = resolve_api_key(args.api_key)
+    credentials = grpc_tls_credentials(args.grpc_tls_cert, args.grpc_tls_key)
+    if api_key is None and not _is_loopback(args.host):
+        print(
+            f"splitserve: warning: --host {args.host} exposes the APIs to the network and no "
+            f"API key is set: anyone who reaches it can use them (--api-key or ${API_KEY_ENV})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return api_key, credentials
+
+
+def _print_ready(args: argparse.Namespace, dashboard: str, keyed: bool, tls: bool) -> None:
+    access = "API key required (not on /health, /metrics)" if keyed else "no API key asked"
+    print(
+        f"splitserve: OpenAI API  http://{args.host}:{args.port}/v1  "
+        f"(status: /status, metrics: /metrics)\n"
+        f"splitserve: gRPC       {args.host}:{args.grpc_port}  (splitserve.v1.Generation"
+        f"{', TLS' if tls else ''})\n"
+        f"splitserve: access     {access}\n"
+        f"splitserve: Ray dashboard {dashboard}\n"
+        f"splitserve: ready; Ctrl-C or SIGTERM drains (up to {args.shutdown_grace:.0f} s), stops",
+        flush=True,
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import ray
 
     from router.pools import PoolConfig, RayBackend
     from router.servers import serve_all
 
+    api_key, credentials = _client_access(args)
     dashboard = _init_ray(args.address, args.dashboard_port, args.node_ip_address)
     workers = args.prefill + args.decode
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -188,16 +261,18 @@ def run_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     backend = RayBackend(pools, model_name=args.served_model_name or args.model)
-    print(
-        f"splitserve: OpenAI API  http://{args.host}:{args.port}/v1  "
-        f"(status: /status, metrics: /metrics)\n"
-        f"splitserve: gRPC       {args.host}:{args.grpc_port}  (splitserve.v1.Generation)\n"
-        f"splitserve: Ray dashboard {dashboard}\n"
-        f"splitserve: ready; Ctrl-C stops",
-        flush=True,
+    _print_ready(args, dashboard, api_key is not None, credentials is not None)
+    serving = serve_all(
+        backend,
+        args.host,
+        args.port,
+        args.grpc_port,
+        api_key=api_key,
+        grpc_credentials=credentials,
+        grace_s=args.shutdown_grace,
     )
     try:
-        asyncio.run(serve_all(backend, args.host, args.port, args.grpc_port))
+        asyncio.run(serving)
     except KeyboardInterrupt:
         pass
     finally:

@@ -94,10 +94,17 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.set_defaults(func=_serve)
 
 
+def _add_api_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key", default=None, help="the server's API key (default: $SPLITSERVE_API_KEY)"
+    )
+
+
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser("status", help="print the pools of a running server")
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.add_argument("--json", action="store_true")
+    _add_api_key_arg(status)
     status.set_defaults(func=_status)
 
 
@@ -116,6 +123,7 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     scale.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait for the pools to settle"
     )
+    _add_api_key_arg(scale)
     scale.set_defaults(func=_scale)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 from bench.server_process import free_port
 from engine.engine_config import EngineConfig
@@ -20,8 +21,15 @@ ENGINE_ARGS = {"num_kv_blocks": 256, "block_size": 4, "num_threads": 1}
 class ServerThread:
     """`serve_all` on a thread with its own event loop; `stop()` shuts it down gracefully."""
 
-    def __init__(self, backend: LocalBackend):
+    def __init__(
+        self,
+        backend: LocalBackend,
+        api_key: str | None = None,
+        grpc_credentials: Any = None,
+        grace_s: float = 10.0,
+    ):
         self.backend = backend
+        self.api_key, self.grpc_credentials, self.grace_s = api_key, grpc_credentials, grace_s
         self.http_port, self.grpc_port = free_port(), free_port()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -29,9 +37,10 @@ class ServerThread:
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),))
 
     @classmethod
-    def for_checkpoint(cls, path: Path, model_name: str) -> ServerThread:
+    def for_checkpoint(cls, path: Path, model_name: str, **serve_kw: Any) -> ServerThread:
+        """`serve_kw`: api_key, grpc_credentials, grace_s."""
         engine = LLMEngine(EngineConfig(model=str(path), **ENGINE_ARGS))
-        return cls(LocalBackend(EngineLoop(engine), model_name)).start()
+        return cls(LocalBackend(EngineLoop(engine), model_name), **serve_kw).start()
 
     async def _main(self) -> None:
         self._stop, ready = asyncio.Event(), asyncio.Event()
@@ -43,6 +52,9 @@ class ServerThread:
                 self.grpc_port,
                 ready=ready,
                 stop=self._stop,
+                api_key=self.api_key,
+                grpc_credentials=self.grpc_credentials,
+                grace_s=self.grace_s,
             )
         )
         ready_task = asyncio.create_task(ready.wait())
@@ -56,12 +68,20 @@ class ServerThread:
         assert self._thread.is_alive(), "server died on start"
         return self
 
-    def stop(self) -> None:
-        """Stop the servers and the engine loop behind them."""
+    def begin_stop(self) -> None:
+        """As SIGTERM does: the servers drain (refuse new requests, finish admitted ones)."""
         assert self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "server did not stop"
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the servers to have stopped: True if they did within `timeout_s`."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop the servers and the engine loop behind them."""
+        self.begin_stop()
+        assert self.join(self.grace_s + 20), "server did not stop"
         self.backend.shutdown()
 
     @property
