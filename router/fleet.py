@@ -185,11 +185,14 @@ class Fleet:
             info = await asyncio.wait_for(worker.actor.info.remote(), cfg.start_timeout_s)
             snap = await asyncio.wait_for(worker.actor.status.remote(), cfg.health_timeout_s)
         except (TimeoutError, ray.exceptions.RayError) as exc:
+            if worker.state is not WorkerState.STARTING:  # removed meanwhile (scaled down)
+                return {}
             self._remove(worker)
             if isinstance(exc, TimeoutError):
                 raise OverloadedError(_start_timeout_message(cfg)) from None
             raise SplitServeError(f"{worker.name} failed to start: {exc}") from None
-        self._adopt(worker, info, snap)
+        if worker.state is WorkerState.STARTING:  # not scaled away while it loaded
+            self._adopt(worker, info, snap)
         return info
 
     # ---- scale ------------------------------------------------------------------------
@@ -231,11 +234,14 @@ class Fleet:
         return self.counts()
 
     def _pick_leaving(self, role: Role, n: int) -> list[Worker]:
-        """The n active workers with the least in flight (newest first on ties)."""
+        """n workers to remove: starting ones first (no load yet), then the active ones with
+        the least in flight (newest first on ties)."""
         if n <= 0:
             return []
-        newest_first = self.routable(role)[::-1]  # members keep their spawn order
-        return sorted(newest_first, key=lambda w: w.in_flight)[:n]
+        newest_first = self.members(role)[::-1]  # members keep their spawn order
+        starting = [w for w in newest_first if w.state is WorkerState.STARTING]
+        active = [w for w in newest_first if w.state is WorkerState.ACTIVE]
+        return (starting + sorted(active, key=lambda w: w.in_flight))[:n]
 
     def _begin_drain(self, worker: Worker) -> None:
         worker.state = WorkerState.DRAINING

@@ -139,9 +139,15 @@ class RayBackend:
 
     # ---- Backend ------------------------------------------------------------------
     def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        deadline_s: float | None = None,
     ) -> AsyncIterator[TokenDelta]:
-        return RequestLife(self.router, request_id, list(prompt_token_ids), params).run()
+        """Stream a request's deltas; `deadline_s`: seconds it may take in all."""
+        life = RequestLife(self.router, request_id, list(prompt_token_ids), params, deadline_s)
+        return life.run()
 
     async def scale(
         self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None

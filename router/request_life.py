@@ -21,49 +21,39 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import ray
 
 from engine.engine_loop import TokenDelta
-from engine.errors import OverloadedError, UnavailableError
+from engine.errors import DeadlineExceededError, UnavailableError
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
-from router.admission import PoolLoad, check_decode, check_prefill
 from router.fleet import Worker
 from router.placement import Role
-from router.router_state import Router
+from router.reserve import reserve
+from router.router_state import Phase, Router, WorkerLost
 from router.routing import PrefillPolicy, block_hashes, pick_prefill
 
 __all__ = ["Phase", "RequestLife", "Router", "WorkerLost"]
 
 
-class Phase(enum.Enum):
-    ROUTED = "routed"
-    RESERVED = "reserved"
-    PREFILLING = "prefilling"
-    STREAMING = "streaming"
-    MIGRATING = "migrating"
-    FINISHED = "finished"
-    ABORTED = "aborted"
-    FAILED = "failed"
-
-
-class WorkerLost(Exception):
-    """An attempt failed on `worker`: `dead` when its actor is gone, `transfer` when the
-    KV transfer to it failed (the prefill side reported it)."""
-
-    def __init__(self, worker: Worker, reason: str, dead: bool = False, transfer: bool = False):
-        super().__init__(f"{worker.name}: {reason}")
-        self.worker, self.dead, self.transfer = worker, dead, transfer
-
-
 class RequestLife:
-    def __init__(self, router: Router, rid: str, ids: list[int], params: SamplingParams):
+    def __init__(
+        self,
+        router: Router,
+        rid: str,
+        ids: list[int],
+        params: SamplingParams,
+        deadline_s: float | None = None,
+    ):
         self.router, self.rid, self.ids, self.params = router, rid, ids, params
+        # the request's own deadline (event-loop time), from its deadline option
+        self.deadline = (
+            None if deadline_s is None else asyncio.get_running_loop().time() + deadline_s
+        )
         self.phase = Phase.ROUTED
         self.attempt = 0
         self.attempt_rid = rid
@@ -75,12 +65,24 @@ class RequestLife:
         self._finished = False  # a delta carried a finish reason
         self._transfer_failures = 0
 
+    async def _within(self, awaitable):
+        """Await within the request's deadline (if it has one): DeadlineExceededError after."""
+        if self.deadline is None:
+            return await awaitable
+        left = self.deadline - asyncio.get_running_loop().time()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(awaitable, left)
+        except TimeoutError:
+            raise DeadlineExceededError("the request's deadline passed") from None
+
     @property
     def tokens_sent(self) -> int:
         return len(self.generated)
 
     async def run(self) -> AsyncIterator[TokenDelta]:
-        self._admit()
+        self.router.admit(len(self.ids))
         try:
             async with aclosing(self._attempts()) as attempts:
                 async for delta in attempts:
@@ -95,21 +97,6 @@ class RequestLife:
             raise
         finally:
             self._drop(Phase.FINISHED if self._finished else Phase.ABORTED)
-
-    # ---- admission ----------------------------------------------------------------------
-    def _admit(self) -> None:
-        router, fleet = self.router, self.router.fleet
-        if fleet.config.colocated:
-            workers = fleet.routable(Role.COLOCATED)
-            held = sum(w.in_flight for w in workers)
-            check_decode(router.admission, PoolLoad(max(1, len(workers)), held))
-            return
-        prefills, decodes = fleet.routable(Role.PREFILL), fleet.routable(Role.DECODE)
-        queued = sum(w.queued_tokens for w in prefills)
-        check_prefill(router.admission, PoolLoad(max(1, len(prefills)), 0, queued), len(self.ids))
-        held = sum(w.in_flight for w in decodes)
-        load = PoolLoad(max(1, len(decodes)), held, waiting=router.reserving)
-        check_decode(router.admission, load)
 
     # ---- attempts and migration -----------------------------------------------------------
     async def _attempts(self) -> AsyncGenerator[TokenDelta, None]:
@@ -176,18 +163,19 @@ class RequestLife:
         stream = actor.generate.options(num_returns="streaming").remote(
             self.attempt_rid, ids, params
         )
-        async for delta in _relay(stream, self.decode):
+        async for delta in self._relay(stream, self.decode):
             yield delta
 
     async def _split(self, ids: list[int], params: SamplingParams, avoid: set[str]):
-        decode, ticket = await self._reserve(ids, params, avoid)
+        decode, ticket = await reserve(self, ids, params, avoid)
         stream = decode.actor.stream.options(num_returns="streaming").remote(self.attempt_rid)
         prefill = await self._pick_prefill(ids, avoid)
         self.phase = Phase.PREFILLING
         leases = self.router.leases
         leases.hold(decode, self.attempt_rid)
         try:
-            first = await prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
+            call = prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
+            first = await self._within(call)
         except KVTransferError as exc:  # the prefill worker could not hand its KV to D
             raise WorkerLost(decode, f"KV transfer failed: {exc}", transfer=True) from None
         except ray.exceptions.RayActorError as exc:
@@ -203,75 +191,8 @@ class RequestLife:
         self.phase = Phase.STREAMING
         logprobs = [first] if params.logprobs is not None else None
         yield TokenDelta(self.rid, [first.token_id], logprobs, None, len(ids), 1)
-        async for delta in _relay(stream, decode):
+        async for delta in self._relay(stream, decode):
             yield delta
-
-    async def _reserve(
-        self, ids: list[int], params: SamplingParams, avoid: set[str]
-    ) -> tuple[Worker, Ticket]:
-        """KV on the decode worker with the most room. While none has room, wait in line
-        (first come, first served; bounded by reserve_timeout_s) as decodes free blocks."""
-        router = self.router
-        line = router.reserve_line()
-        router.reserving += 1
-        try:
-            # nobody is waiting: try at once
-            got = None if line.locked() else await self._reserve_round(ids, params, avoid)
-            if got is not None:
-                return got
-            async with line:  # the longest waiter tries first
-                return await self._reserve_waiting(ids, params, avoid)
-        finally:
-            router.reserving -= 1
-
-    async def _reserve_waiting(
-        self, ids: list[int], params: SamplingParams, avoid: set[str]
-    ) -> tuple[Worker, Ticket]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.router.reserve_timeout_s
-        delay = 0.01
-        while (got := await self._reserve_round(ids, params, avoid)) is None:
-            if loop.time() > deadline:
-                raise OverloadedError("no decode worker has free KV blocks; try again later")
-            await asyncio.sleep(delay)  # back-off while decodes finish and free blocks
-            delay = min(delay * 2, 0.25)
-        return got
-
-    async def _reserve_round(
-        self, ids: list[int], params: SamplingParams, avoid: set[str]
-    ) -> tuple[Worker, Ticket] | None:
-        router = self.router
-        workers = await router.fleet.wait_routable(Role.DECODE, router.reserve_timeout_s)
-        if not workers:
-            raise UnavailableError("no decode worker is active; try again later")
-        for worker in router.decode_order(workers, avoid):
-            ticket = await self._try_reserve(worker, ids, params)
-            if ticket is not None:
-                return worker, ticket
-        return None
-
-    async def _try_reserve(
-        self, worker: Worker, ids: list[int], params: SamplingParams
-    ) -> Ticket | None:
-        fleet = self.router.fleet
-        if not fleet.is_active(worker):  # began draining, or was lost, while we awaited
-            return None
-        try:
-            ticket = await worker.actor.reserve.remote(self.attempt_rid, ids, params)
-        except ray.exceptions.RayActorError as exc:
-            if isinstance(exc, ray.exceptions.ActorDiedError):
-                fleet.lost(worker)
-            return None
-        if ticket is None:
-            worker.free_blocks = 0
-            return None
-        worker.free_blocks = ticket.free_blocks
-        if not fleet.is_active(worker):  # draining now: give the KV back
-            worker.actor.abort.remote(self.attempt_rid)
-            return None
-        self.decode, self.ticket, self.phase = worker, ticket, Phase.RESERVED
-        fleet.enter(worker)
-        return ticket
 
     async def _pick_prefill(self, ids: list[int], avoid: set[str]) -> Worker:
         """The prefill worker for this prompt; its queue counts the tokens it must compute."""
@@ -292,6 +213,24 @@ class RequestLife:
         router.fleet.enter(self.prefill, self._queued)
         return self.prefill
 
+    async def _relay(self, stream, worker: Worker) -> AsyncIterator[TokenDelta]:
+        """Flatten a worker's streamed batches of deltas; a worker that dies or ends the
+        request on its own (lease lost, engine error) is a lost worker, not the end."""
+        try:
+            while True:
+                try:
+                    ref = await self._within(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+                for delta in await ref:
+                    if delta.finish_reason in ("abort", "error"):
+                        dead = delta.finish_reason == "error"  # its engine loop died
+                        raise WorkerLost(worker, f"ended the request ({delta.finish_reason})", dead)
+                    yield delta
+        except ray.exceptions.RayActorError as exc:
+            dead = isinstance(exc, ray.exceptions.ActorDiedError)
+            raise WorkerLost(worker, "died while streaming", dead=dead) from None
+
     # ---- the one cleanup -------------------------------------------------------------------
     def _drop(self, phase: Phase, dead: Worker | None = None) -> None:
         """End the current attempt: abort where not finished (not on a dead worker), give
@@ -307,18 +246,3 @@ class RequestLife:
             self.router.fleet.leave(worker, tokens)
         self.prefill = self.decode = self.ticket = None
         self._queued = 0
-
-
-async def _relay(stream, worker: Worker) -> AsyncIterator[TokenDelta]:
-    """Flatten a worker's streamed batches of deltas; a worker that dies or ends the request
-    on its own (lease lost, engine error) is a lost worker, not the end of the stream."""
-    try:
-        async for ref in stream:
-            for delta in await ref:
-                if delta.finish_reason in ("abort", "error"):
-                    dead = delta.finish_reason == "error"  # its engine loop died
-                    raise WorkerLost(worker, f"ended the request ({delta.finish_reason})", dead)
-                yield delta
-    except ray.exceptions.RayActorError as exc:
-        dead = isinstance(exc, ray.exceptions.ActorDiedError)
-        raise WorkerLost(worker, "died while streaming", dead=dead) from None

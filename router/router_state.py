@@ -1,20 +1,39 @@
 """What every request's life shares: the fleet, the prefix index, the policies and limits,
-the lease keeper, and the counters of what went wrong and was recovered."""
+the lease keeper, and the counters of what went wrong and was recovered; and the states
+and failures of a life (router.request_life draws the automaton)."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from router.admission import AdmissionLimits
+from router.admission import AdmissionLimits, PoolLoad, check_decode, check_prefill
 from router.fleet import Fleet, Worker
 from router.leases import LeaseKeeper
+from router.placement import Role
 from router.routing import DecodeLoad, PrefillLoad, PrefillPolicy, PrefixIndex, decode_order
 
-if TYPE_CHECKING:
-    from router.request_life import WorkerLost
+
+class Phase(enum.Enum):
+    ROUTED = "routed"
+    RESERVED = "reserved"
+    PREFILLING = "prefilling"
+    STREAMING = "streaming"
+    MIGRATING = "migrating"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+class WorkerLost(Exception):
+    """An attempt failed on `worker`: `dead` when its actor is gone, `transfer` when the
+    KV transfer to it failed (the prefill side reported it)."""
+
+    def __init__(self, worker: Worker, reason: str, dead: bool = False, transfer: bool = False):
+        super().__init__(f"{worker.name}: {reason}")
+        self.worker, self.dead, self.transfer = worker, dead, transfer
 
 
 @dataclass(slots=True)
@@ -64,6 +83,20 @@ class Router:
         loads = [DecodeLoad(w.name, w.free_blocks, w.in_flight) for w in workers]
         order = [by_name[n] for n in decode_order(loads, self.rng)]
         return [w for w in order if w.name not in avoid] + [w for w in order if w.name in avoid]
+
+    def admit(self, prompt_tokens: int) -> None:
+        """Bounded admission per pool (router.admission): OverloadedError past the bound."""
+        fleet = self.fleet
+        if fleet.config.colocated:
+            workers = fleet.routable(Role.COLOCATED)
+            held = sum(w.in_flight for w in workers)
+            check_decode(self.admission, PoolLoad(max(1, len(workers)), held))
+            return
+        prefills, decodes = fleet.routable(Role.PREFILL), fleet.routable(Role.DECODE)
+        queued = sum(w.queued_tokens for w in prefills)
+        check_prefill(self.admission, PoolLoad(max(1, len(prefills)), 0, queued), prompt_tokens)
+        held = sum(w.in_flight for w in decodes)
+        check_decode(self.admission, PoolLoad(max(1, len(decodes)), held, waiting=self.reserving))
 
     @staticmethod
     def prefill_load(name: str, worker: Worker, cached_tokens: int) -> PrefillLoad:

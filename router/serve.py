@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from engine.engine_config import EngineConfig
 from router.access import API_KEY_ENV, GRACE_S, resolve_api_key
+from router.reliability_args import add_reliability_args, reliability_config
 
 if TYPE_CHECKING:
     import grpc
@@ -101,6 +102,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--served-model-name", default=None)
     add_access_args(p)
+    add_reliability_args(p)
 
 
 def add_access_args(p: argparse.ArgumentParser) -> None:
@@ -221,6 +223,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from router.servers import serve_all
 
     api_key, credentials = _client_access(args)
+    reliability = reliability_config(args)  # bad values fail before Ray starts
     dashboard = _init_ray(args.address, args.dashboard_port, args.node_ip_address)
     workers = args.prefill + args.decode
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -252,6 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
         start_timeout_s=args.start_timeout,
         cpus_per_worker=_cpus_per_worker(args.cpus_per_worker, cpus, workers, use_gpu),
         gpus_per_worker=1.0 if use_gpu else 0.0,
+        **reliability,
     )
     print(
         f"splitserve: starting {args.mode} pools "
