@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError, check_prompt
 from engine.loader import load_config, load_state_dict, load_tokenizer, resolve_model
@@ -55,6 +56,26 @@ class _Request:
     detok: IncrementalDetokenizer
 
 
+def kv_capacity(config: EngineConfig, model_config: ModelConfig) -> tuple[int, int]:
+    """(max_model_len, KV blocks) of an engine; InvalidRequestError if one sequence of
+    max_model_len does not fit (checked before any worker starts, and by every engine)."""
+    c = model_config
+    max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, c.max_position_embeddings)
+    per_block = 2 * c.num_layers * config.block_size * c.num_kv_heads * c.head_dim
+    per_block *= config.torch_dtype.itemsize
+    num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_gb * 2**30 // per_block))
+    if num_blocks * config.block_size < max_model_len:
+        raise InvalidRequestError(
+            f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
+            f"sequence of max_model_len {max_model_len}: give a larger --kv-cache-gb"
+        )
+    return max_model_len, num_blocks
+
+
+def check_kv_capacity(config: EngineConfig) -> None:
+    kv_capacity(config, load_config(resolve_model(config.model)))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -63,14 +84,7 @@ class LLMEngine:
         path = resolve_model(config.model)
         self.model_config = load_config(path)
         self.tokenizer = load_tokenizer(path)
-        model_len = self.model_config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, model_len)
-        num_blocks = config.num_kv_blocks or self._blocks_for_bytes(config.kv_cache_gb * 2**30)
-        if num_blocks * config.block_size < self.max_model_len:
-            raise InvalidRequestError(
-                f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
-                f"sequence of max_model_len {self.max_model_len}"
-            )
+        self.max_model_len, num_blocks = kv_capacity(config, self.model_config)
         state = load_state_dict(path, self.model_config, config.torch_dtype)
         self.runner = ModelRunner(
             self.model_config,
@@ -97,17 +111,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
 
-    def _blocks_for_bytes(self, nbytes: float) -> int:
-        c = self.model_config
-        per_block = (
-            2
-            * c.num_layers
-            * self.config.block_size
-            * c.num_kv_heads
-            * c.head_dim
-            * self.config.torch_dtype.itemsize
-        )
-        return max(1, int(nbytes // per_block))
 
     # ---- requests ------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:

@@ -173,6 +173,9 @@ class Fleet:
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise OverloadedError(_start_timeout_message(self.config)) from None
+        except ray.exceptions.RayError as exc:  # a worker's constructor raised (bad config)
+            self.shutdown()
+            raise SplitServeError(f"a worker failed to start: {_last_line(exc)}") from None
         for worker, info, snap in zip(spawned, infos, snaps, strict=True):
             self._adopt(worker, info, snap)
         self.max_model_len = min(i["max_model_len"] for i in infos)
@@ -190,7 +193,7 @@ class Fleet:
             self._remove(worker)
             if isinstance(exc, TimeoutError):
                 raise OverloadedError(_start_timeout_message(cfg)) from None
-            raise SplitServeError(f"{worker.name} failed to start: {exc}") from None
+            raise SplitServeError(f"{worker.name} failed to start: {_last_line(exc)}") from None
         if worker.state is WorkerState.STARTING:  # not scaled away while it loaded
             self._adopt(worker, info, snap)
         return info
@@ -357,6 +360,12 @@ class Fleet:
             with contextlib.suppress(Exception):  # best effort; the kill below is what counts
                 ray.get(worker.actor.shutdown.remote(), timeout=10)
             self._remove(worker)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The error a Ray failure carries, without its remote traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _start_timeout_message(cfg: FleetConfig) -> str:

@@ -219,6 +219,7 @@ def _print_ready(args: argparse.Namespace, dashboard: str, keyed: bool, tls: boo
 def run_serve(args: argparse.Namespace) -> int:
     import ray
 
+    from engine.llm_engine import check_kv_capacity
     from router.pools import PoolConfig, RayBackend
     from router.servers import serve_all
 
@@ -239,6 +240,7 @@ def run_serve(args: argparse.Namespace) -> int:
         chunked_prefill=not args.no_chunked_prefill,
         device="cuda" if use_gpu else "cpu",
     )
+    check_kv_capacity(engine)  # a one-line error here, not a worker's traceback later
     pools = PoolConfig(
         engine=engine,
         num_prefill=args.prefill,
