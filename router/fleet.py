@@ -17,69 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from decode_worker.worker import DecodeWorker
-from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError, OverloadedError, SplitServeError
-from kv_transfer.transport import TransportConfig
 from prefill_worker.worker import PrefillWorker
-from router.placement import Placement, Role
+from router.placement import Role
+from router.workers import (
+    FleetConfig,
+    Worker,
+    WorkerState,
+    last_error_line,
+    start_timeout_message,
+)
 
 log = logging.getLogger(__name__)
-
-
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    ACTIVE = "active"
-    DRAINING = "draining"
-    DEAD = "dead"
-
-
-@dataclass(eq=False, slots=True)
-class Worker:
-    name: str
-    role: Role
-    actor: Any
-    state: WorkerState = WorkerState.STARTING
-    node: str = ""
-    endpoint: str = ""
-    in_flight: int = 0  # requests routed here and not yet ended
-    queued_tokens: int = 0  # prompt tokens sent here whose prefill has not returned
-    free_blocks: int = 1 << 30  # decode: last known free KV blocks
-    engine: dict[str, int] = field(default_factory=dict)  # last status() snapshot
-    pid: int = 0  # the actor's process (for operators, and chaos tests)
-    drained: asyncio.Event | None = None
-    activating: asyncio.Task | None = None  # a replacement's start-up, in the background
-
-    def observe(self, snapshot: dict[str, int]) -> None:
-        """Take in an engine snapshot (status()): load and KV use for /status and routing."""
-        self.engine = snapshot
-        self.free_blocks = snapshot["kv_blocks_total"] - snapshot["kv_blocks_used"]
-
-
-@dataclass(frozen=True, slots=True)
-class FleetConfig:
-    engine: EngineConfig
-    placement: Placement
-    transport: TransportConfig = TransportConfig()
-    colocated: bool = False
-    layerwise: bool = True
-    min_workers: int = 1  # per pool
-    max_workers: int = 64  # per pool
-    start_timeout_s: float = 300.0
-    drain_timeout_s: float = 60.0
-    health_timeout_s: float = 10.0
-
-    @property
-    def roles(self) -> tuple[Role, ...]:
-        return (Role.COLOCATED,) if self.colocated else (Role.PREFILL, Role.DECODE)
 
 
 class Fleet:
@@ -172,10 +128,10 @@ class Fleet:
             snaps = ray.get([w.actor.status.remote() for w in spawned], timeout=60)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
-            raise OverloadedError(_start_timeout_message(self.config)) from None
+            raise OverloadedError(start_timeout_message(self.config)) from None
         except ray.exceptions.RayError as exc:  # a worker's constructor raised (bad config)
             self.shutdown()
-            raise SplitServeError(f"a worker failed to start: {_last_line(exc)}") from None
+            raise SplitServeError(f"a worker failed to start: {last_error_line(exc)}") from None
         for worker, info, snap in zip(spawned, infos, snaps, strict=True):
             self._adopt(worker, info, snap)
         self.max_model_len = min(i["max_model_len"] for i in infos)
@@ -192,8 +148,10 @@ class Fleet:
                 return {}
             self._remove(worker)
             if isinstance(exc, TimeoutError):
-                raise OverloadedError(_start_timeout_message(cfg)) from None
-            raise SplitServeError(f"{worker.name} failed to start: {_last_line(exc)}") from None
+                raise OverloadedError(start_timeout_message(cfg)) from None
+            raise SplitServeError(
+                f"{worker.name} failed to start: {last_error_line(exc)}"
+            ) from None
         if worker.state is WorkerState.STARTING:  # not scaled away while it loaded
             self._adopt(worker, info, snap)
         return info
@@ -360,18 +318,3 @@ class Fleet:
             with contextlib.suppress(Exception):  # best effort; the kill below is what counts
                 ray.get(worker.actor.shutdown.remote(), timeout=10)
             self._remove(worker)
-
-
-def _last_line(exc: BaseException) -> str:
-    """The error a Ray failure carries, without its remote traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
-def _start_timeout_message(cfg: FleetConfig) -> str:
-    p = cfg.placement
-    return (
-        f"workers did not start within {cfg.start_timeout_s:.0f} s: the cluster has no room "
-        f"for a worker of {p.cpus_per_worker} CPU, {p.gpus_per_worker} GPU "
-        f"(and its node role resource, if any)"
-    )

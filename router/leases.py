@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 
-from router.fleet import Worker
+from router.workers import Worker
 
 log = logging.getLogger(__name__)
 RENEW_PERIOD_S = 5.0  # a third of the decode worker's LEASE_S or less

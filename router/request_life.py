@@ -31,11 +31,11 @@ from engine.errors import DeadlineExceededError, UnavailableError
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
-from router.fleet import Worker
 from router.placement import Role
 from router.reserve import reserve
 from router.router_state import Phase, Router, WorkerLost
 from router.routing import PrefillPolicy, block_hashes, pick_prefill
+from router.workers import Worker
 
 __all__ = ["Phase", "RequestLife", "Router", "WorkerLost"]
 

@@ -17,9 +17,9 @@ import ray
 from engine.errors import OverloadedError, UnavailableError
 from engine.sampling_params import SamplingParams
 from kv_transfer.ticket import Ticket
-from router.fleet import Worker
 from router.placement import Role
 from router.router_state import Phase
+from router.workers import Worker
 
 if TYPE_CHECKING:
     from router.request_life import RequestLife
