@@ -101,14 +101,17 @@ async def stream_text(
     prompt_ids: Sequence[int],
     params: SamplingParams,
     tracker: RequestTracker | None = None,
+    deadline_s: float | None = None,
 ) -> AsyncGenerator[TextDelta, None]:
-    """Generate on `backend`, yielding text deltas; closing this iterator aborts the request."""
+    """Generate on `backend`, yielding text deltas; closing this iterator aborts the request.
+    `deadline_s`: seconds the request may take (DeadlineExceededError after)."""
     assembler = TextAssembler(
         backend.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output
     )
     worker_params = dataclasses.replace(params, stop=(), include_stop_str_in_output=False)
     num_out = 0
-    async with _closing(backend.generate(request_id, prompt_ids, worker_params)) as deltas:
+    generating = backend.generate(request_id, prompt_ids, worker_params, deadline_s=deadline_s)
+    async with _closing(generating) as deltas:
         async for delta in deltas:
             text, ids = "", []
             for token_id in delta.token_ids:
@@ -127,6 +130,28 @@ async def stream_text(
             yield TextDelta(text, ids, logprobs, reason, len(prompt_ids), num_out)
             if reason is not None:
                 return  # leaving the `async with` closes (aborts) a request still running
+
+
+async def primed(deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[TextDelta, None]:
+    """Wait for the first delta before anything is sent, so that a request refused or lost
+    before its first token (429 overloaded, 503 unavailable, 408 deadline) gets its own
+    HTTP status, not a 200 whose stream carries the error."""
+    try:
+        first = await anext(deltas)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await deltas.aclose()
+        raise
+
+    async def chained() -> AsyncGenerator[TextDelta, None]:
+        async with _closing(deltas):
+            if first is not None:
+                yield first
+            async for delta in deltas:
+                yield delta
+
+    return chained()
 
 
 @asynccontextmanager
