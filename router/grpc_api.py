@@ -1,9 +1,13 @@
 """The gRPC API: `splitserve.v1.Generation/Generate`, plus grpc.health.v1 and server reflection.
 
-GenerateRequest ──validate──> INVALID_ARGUMENT / NOT_FOUND (details say what is wrong)
+GenerateRequest ──check (router.limits)──> INVALID_ARGUMENT / NOT_FOUND (one-line details)
     └──> stream_text(backend) ──> GenerateResponse per delta (text, token ids, logprobs)
          last message: finish_reason + usage
 client cancels: the handler task is cancelled, which closes the stream: request aborted
+
+The request id the engine sees is always the server's own (`grpc-<uuid>`): a client's
+`request_id` could collide with another client's. A client's id is only echoed back in its
+own responses' `request_id` (the server's id when it sends none).
 """
 
 from __future__ import annotations
@@ -11,17 +15,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from router import limits as lim
 from router.backend import Backend, validate_prompt
 from router.detokenize import TextDelta, stream_text, token_text
 from router.metrics import RouterMetrics
-from router.protocol import api_error, check_model
+from router.protocol import api_error
 from splitserve_proto import generation_pb2 as pb
 from splitserve_proto import generation_pb2_grpc as pb_grpc
 
@@ -38,25 +43,25 @@ _CODES = {
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, backend: Backend, metrics: RouterMetrics):
+    def __init__(
+        self, backend: Backend, metrics: RouterMetrics, limits: lim.RequestLimits | None = None
+    ):
         self._backend, self._metrics = backend, metrics
+        self._limits = limits or lim.RequestLimits()
 
     async def Generate(  # noqa: N802 - the RPC's name
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         tracker = self._metrics.track(_ENDPOINT)
         try:
-            check_model(self._backend, request.model)
-            ids = self._prompt_ids(request)
-            validate_prompt(self._backend, ids)
-            params = _sampling_params(request.sampling)
+            ids, params = self._check(request)
         except Exception as exc:  # bad input: a status code and a one-line reason
-            err = api_error(exc)
-            code = _CODES.get(err.status, grpc.StatusCode.INTERNAL)
+            code, details = _status(exc)
             tracker.finish(code.name)
-            await context.abort(code, err.message)  # raises
+            await context.abort(code, details)  # raises
             return
-        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        rid = f"grpc-{uuid.uuid4().hex}"
+        echo_id = request.request_id or rid
         status, last = "CANCELLED", None
         try:
             deltas = stream_text(self._backend, rid, ids, params, tracker)
@@ -65,11 +70,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     if last.finish_reason == "error":
                         status = grpc.StatusCode.INTERNAL.name
                         await context.abort(grpc.StatusCode.INTERNAL, "a worker failed")
-                    yield self._response(rid, last)
+                    yield self._response(echo_id, last)
             status = grpc.StatusCode.OK.name
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # e.g. overloaded: the mapped status, not UNKNOWN
+            code, details = _status(exc)
+            status = code.name
+            await context.abort(code, details)
         finally:
             n_in, n_out = (last.num_prompt_tokens, last.num_output_tokens) if last else (0, 0)
             tracker.finish(status, n_in, n_out)
+
+    def _check(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the engine params; raises on anything out of bounds."""
+        lim.check_model(self._backend, request.model)
+        lim.check_text("request_id", request.request_id, self._limits.max_request_id_chars)
+        ids = self._prompt_ids(request)
+        validate_prompt(self._backend, ids)
+        return ids, self._sampling_params(request.sampling)
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -79,11 +98,28 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if kind == "token_ids":
             return list(request.token_ids.ids)
         if kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            if not messages:
-                raise InvalidRequestError("chat has no messages")
-            return tok.encode_chat(messages)
-        raise InvalidRequestError("prompt is missing: set one of text, token_ids, chat")
+            if not request.chat.messages:
+                raise lim.LimitError("chat", "chat has no messages")
+            for i, m in enumerate(request.chat.messages):
+                lim.check_role(i, m.role)
+            return tok.encode_chat(
+                [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            )
+        raise lim.LimitError("prompt", "prompt is missing: set one of text, token_ids, chat")
+
+    def _sampling_params(self, s: pb.SamplingOptions) -> SamplingParams:
+        values: dict[str, Any] = {
+            "max_tokens": s.max_tokens if s.HasField("max_tokens") else 16,
+            "temperature": s.temperature if s.HasField("temperature") else 1.0,
+            "top_p": s.top_p if s.HasField("top_p") else 1.0,
+            "top_k": s.top_k if s.HasField("top_k") else -1,
+            "seed": s.seed if s.HasField("seed") else None,
+            "stop": tuple(s.stop),
+            "logprobs": s.logprobs if s.HasField("logprobs") else None,
+        }
+        backend = self._backend
+        lim.check_sampling(self._limits, backend.max_model_len, backend.vocab_size, **values)
+        return SamplingParams(**values, ignore_eos=s.ignore_eos)
 
     def _response(self, rid: str, d: TextDelta) -> pb.GenerateResponse:
         out = pb.GenerateResponse(
@@ -104,17 +140,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return out
 
 
-def _sampling_params(s: pb.SamplingOptions) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
-        temperature=s.temperature if s.HasField("temperature") else 1.0,
-        top_p=s.top_p if s.HasField("top_p") else 1.0,
-        top_k=s.top_k if s.HasField("top_k") else -1,
-        seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop),
-        ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs if s.HasField("logprobs") else None,
-    )
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code `exc` maps to and a one-line reason."""
+    err = api_error(exc)
+    return _CODES.get(err.status, grpc.StatusCode.INTERNAL), lim.clip(err.message, 500)
 
 
 class BackendHealth(health.aio.HealthServicer):

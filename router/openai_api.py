@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI; bodies decoded and encoded with msgspec).
 
 POST /v1/completions, /v1/chat/completions
-    decode + validate (400/404 OpenAI error body) -> tokenize -> stream_text(backend)
+    body over RequestLimits.max_body_bytes -> 413 (the rest is not read; the connection stays)
+    decode + check (router.limits: 400/404 OpenAI error body) -> tokenize -> stream_text(backend)
     stream: SSE `data: {chunk}` ... `data: [DONE]`; client gone -> request aborted
     else:   one JSON body with usage
 GET /v1/models, /health, /metrics (Prometheus), /status (the backend's own report)
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
+from router import limits as lim
 from router.admin_api import add_admin_routes
 from router.backend import Backend, validate_prompt
 from router.detokenize import TextDelta, stream_text
@@ -44,11 +46,8 @@ from router.protocol import (
     Usage,
     api_error,
     chat_logprobs,
-    chat_prompt_ids,
-    check_model,
     completion_logprobs,
-    completion_prompt_ids,
-    sampling_params,
+    decode_request,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,7 @@ def create_app(backend: Backend, metrics: RouterMetrics | None = None) -> FastAP
     metrics = metrics or RouterMetrics()
     app = FastAPI(title="splitserve", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.backend, app.state.metrics = backend, metrics
+    app.state.limits = lim.RequestLimits()
     created = int(time.time())
 
     @app.exception_handler(StarletteHTTPException)  # unknown route, wrong method
@@ -69,19 +69,19 @@ def create_app(backend: Backend, metrics: RouterMetrics | None = None) -> FastAP
 
     @app.post(_COMPLETIONS)
     async def completions(request: Request) -> Response:
-        tracker = metrics.track(_COMPLETIONS)
+        tracker, limits = metrics.track(_COMPLETIONS), app.state.limits
         try:
-            req = msgspec.json.decode(await request.body(), type=CompletionRequest)
-            return await _completions(backend, req, tracker)
+            req = decode_request(await _body(request, limits), CompletionRequest)
+            return await _completions(backend, limits, req, tracker)
         except Exception as exc:  # every failure becomes an OpenAI error body
             return _fail(exc, tracker)
 
     @app.post(_CHAT)
     async def chat_completions(request: Request) -> Response:
-        tracker = metrics.track(_CHAT)
+        tracker, limits = metrics.track(_CHAT), app.state.limits
         try:
-            req = msgspec.json.decode(await request.body(), type=ChatCompletionRequest)
-            return await _chat(backend, req, tracker)
+            req = decode_request(await _body(request, limits), ChatCompletionRequest)
+            return await _chat(backend, limits, req, tracker)
         except Exception as exc:
             return _fail(exc, tracker)
 
@@ -114,15 +114,33 @@ def create_app(backend: Backend, metrics: RouterMetrics | None = None) -> FastAP
 # ---- the two endpoints -------------------------------------------------------------------
 
 
+async def _body(request: Request, limits: lim.RequestLimits) -> bytes:
+    """The request body, or 413 as soon as it is known to pass the limit."""
+    limit = limits.max_body_bytes
+    too_large = APIError(
+        413, f"request body is larger than {limit} bytes", code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 async def _completions(
-    backend: Backend, req: CompletionRequest, tracker: RequestTracker
+    backend: Backend, limits: lim.RequestLimits, req: CompletionRequest, tracker: RequestTracker
 ) -> Response:
-    check_model(backend, req.model)
+    lim.check_request(req, limits)
+    lim.check_model(backend, req.model)
     if req.echo:
         raise APIError(400, "echo is not supported", param="echo")
-    ids = completion_prompt_ids(backend, req.prompt)
+    ids = lim.completion_prompt_ids(backend, req.prompt)
     validate_prompt(backend, ids)
-    params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+    params = lim.completion_sampling_params(req, backend, limits)
     rid, now, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), backend.model_name
     deltas = stream_text(backend, rid, ids, params, tracker)
     tok, offset = backend.tokenizer, [0]
@@ -146,17 +164,14 @@ async def _completions(
     return _json(CompletionResponse(rid, now, model, [choice(whole)], usage))
 
 
-async def _chat(backend: Backend, req: ChatCompletionRequest, tracker: RequestTracker) -> Response:
-    check_model(backend, req.model)
-    ids = chat_prompt_ids(backend, req.messages)
+async def _chat(
+    backend: Backend, limits: lim.RequestLimits, req: ChatCompletionRequest, tracker: RequestTracker
+) -> Response:
+    lim.check_request(req, limits)
+    lim.check_model(backend, req.model)
+    ids = lim.chat_prompt_ids(backend, req.messages)
     validate_prompt(backend, ids)
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    max_tokens = next(
-        (m for m in (req.max_completion_tokens, req.max_tokens) if m is not None),
-        backend.max_model_len - len(ids),  # OpenAI's default: up to the context
-    )
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = lim.chat_sampling_params(req, backend, limits, len(ids))
     rid, now, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), backend.model_name
     deltas = stream_text(backend, rid, ids, params, tracker)
     tok = backend.tokenizer
@@ -187,7 +202,7 @@ async def _chat(backend: Backend, req: ChatCompletionRequest, tracker: RequestTr
 
 
 def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
-    return req.stream_options is not None and req.stream_options.include_usage
+    return req.stream_options is not None and bool(req.stream_options.include_usage)
 
 
 # ---- assembling and streaming -------------------------------------------------------------

@@ -1,7 +1,12 @@
-"""The OpenAI HTTP bodies as msgspec Structs, and the translation between them and the engine.
+"""The OpenAI HTTP bodies as msgspec Structs, exceptions as OpenAI error bodies, and the
+engine's logprobs as response fields (router.limits checks a request and makes engine inputs).
 
-Unknown request fields are ignored (clients send extras); a field of the wrong type fails
-decoding with msgspec's message, which names the field (`... - at `$.max_tokens``).
+Request bodies are checked the way OpenAI checks them: an unknown top-level field is a 400
+("Unrecognized request argument supplied: foo"); OpenAI's parameters this server does not
+implement are accepted at their "off" value only (router.limits.OFF_VALUES), and the ones
+that only label a request on OpenAI's side (`metadata`, `store`, `service_tier`, ...) are
+accepted and ignored. A field of the wrong type fails decoding with msgspec's message, which
+names the field (`... - at `$.max_tokens``); `null` is accepted for every optional field.
 Extensions beyond OpenAI's fields: `top_k`, `ignore_eos`, `stop_token_ids`,
 `include_stop_str_in_output` (vLLM's names).
 """
@@ -10,10 +15,11 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.errors import (
     DeadlineExceededError,
@@ -24,19 +30,18 @@ from engine.errors import (
     UnavailableError,
 )
 from engine.sampler import SampledToken
-from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from router.backend import Backend
+from router import limits as lim
 from router.detokenize import token_text
 
 # ---- requests --------------------------------------------------------------------------
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
-class _SamplingFields(msgspec.Struct, kw_only=True):
+class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields both endpoints share."""
 
     model: str | None = None
@@ -47,19 +52,25 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    stream: bool = False
+    include_stop_str_in_output: bool | None = False
+    ignore_eos: bool | None = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
     user: str | None = None
+    # OpenAI's, not implemented: accepted at their off value (limits.check_unsupported)
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     # a string, token ids, or a batch of one string / one token-id list
     prompt: str | list[str | int | list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
+    best_of: Any = None
+    suffix: Any = None
 
 
 class ContentPart(msgspec.Struct):
@@ -68,6 +79,9 @@ class ContentPart(msgspec.Struct):
 
 
 class ChatMessage(msgspec.Struct):
+    """Unknown keys are ignored here: clients send back the assistant messages they got,
+    with OpenAI's response-only keys (`refusal`, `annotations`, `audio`, ...) in them."""
+
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -76,8 +90,37 @@ class ChatMessage(msgspec.Struct):
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    # OpenAI's, ignored: they label or route a request, they do not change its output
+    parallel_tool_calls: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+
+
+_Request = TypeVar("_Request", CompletionRequest, ChatCompletionRequest)
+
+
+def decode_request(body: bytes, kind: type[_Request]) -> _Request:
+    """The request in `body`; APIError 400 for anything that is not one."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except RecursionError:  # msgspec's own depth limit
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -195,7 +238,7 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorBody
 
 
-# ---- request -> engine, engine -> response, exception -> error body -----------------------
+# ---- exception -> error body, engine -> response ------------------------------------------
 
 
 class APIError(Exception):
@@ -213,7 +256,8 @@ class APIError(Exception):
         return ErrorBody(self.message, self.type, self.param, self.code)
 
 
-_FIELD_AT = re.compile(r"at `\$\.([A-Za-z_]+)|field `([A-Za-z_]+)`")
+_FIELD_AT = re.compile(r"at `\$\.([A-Za-z_]+)|required field `([A-Za-z_]+)`")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$", re.DOTALL)
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -221,13 +265,13 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, msgspec.ValidationError):
-        m = _FIELD_AT.search(str(exc))
-        param = (m.group(1) or m.group(2)) if m else None
-        return APIError(400, f"invalid request body: {exc}", param=param)
+        return _validation_error(exc)
     if isinstance(exc, msgspec.DecodeError):
         return APIError(400, f"request body is not valid JSON: {exc}")
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, lim.LimitError):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, InvalidRequestError):
         first = str(exc).split(" ", 1)[0]
         return APIError(400, str(exc), param=first if first in _PARAM_NAMES else None)
@@ -240,80 +284,25 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(503, str(exc), type="server_error", code="unavailable")
     if isinstance(exc, DeadlineExceededError):
         return APIError(408, str(exc), type="timeout_error", code="deadline_exceeded")
+    if isinstance(exc, ClientDisconnect):  # gone while sending its body: nobody reads this
+        return APIError(499, "client closed the connection before sending the whole body")
     if isinstance(exc, StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type=kind)
     return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
 
 
+def _validation_error(exc: msgspec.ValidationError) -> APIError:
+    if m := _UNKNOWN_FIELD.match(str(exc)):  # OpenAI's words for it
+        return APIError(400, f"Unrecognized request argument supplied: {lim.clip(m.group(1))}")
+    m = _FIELD_AT.search(str(exc))
+    param = (m.group(1) or m.group(2)) if m else None
+    return APIError(400, f"invalid request body: {exc}", param=param)
+
+
 _PARAM_NAMES = frozenset(
     f.name for t in (CompletionRequest, ChatCompletionRequest) for f in msgspec.structs.fields(t)
 )
-
-
-def check_model(backend: Backend, model: str | None) -> None:
-    names = {backend.model_name, Path(backend.model_name).name, Path(backend.model_name).stem}
-    if model and model not in names:
-        message = f"model {model!r} does not exist; this server serves {backend.model_name!r}"
-        raise APIError(404, message, param="model", code="model_not_found")
-
-
-def completion_prompt_ids(backend: Backend, prompt: str | list[str | int | list[int]]) -> list[int]:
-    if isinstance(prompt, str):
-        return backend.tokenizer.encode(prompt)
-    if prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)  # type: ignore[arg-type]
-    if len(prompt) > 1:
-        raise APIError(
-            400, "batched prompts are not supported: send one prompt per request", param="prompt"
-        )
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt")
-    one = prompt[0]
-    if isinstance(one, str):
-        return backend.tokenizer.encode(one)
-    if isinstance(one, list):
-        return one
-    raise APIError(
-        400,
-        "prompt must be a string, a list of token ids, or a list of one of those",
-        param="prompt",
-    )
-
-
-def chat_prompt_ids(backend: Backend, messages: list[ChatMessage]) -> list[int]:
-    if not messages:
-        raise APIError(400, "messages must not be empty", param="messages")
-    turns = []
-    for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            if any(p.type != "text" for p in content):
-                raise APIError(400, "only text content parts are supported", param="messages")
-            content = "".join(p.text or "" for p in content)
-        turns.append({"role": m.role, "content": content or ""})
-    return backend.tokenizer.encode_chat(turns)
-
-
-def sampling_params(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None
-) -> SamplingParams:
-    """Engine params; raises InvalidRequestError (400) on bad values."""
-    if req.n != 1:
-        raise APIError(400, f"n must be 1, got {req.n}", param="n")
-    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=-1 if req.top_k is None else req.top_k,
-        seed=req.seed,
-        stop=tuple(stop),
-        stop_token_ids=tuple(req.stop_token_ids or ()),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        include_stop_str_in_output=req.include_stop_str_in_output,
-    )
 
 
 def completion_logprobs(
