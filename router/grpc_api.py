@@ -18,6 +18,7 @@ from contextlib import aclosing
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -50,10 +51,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._limits = limits or lim.RequestLimits()
 
     async def Generate(  # noqa: N802 - the RPC's name
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         tracker = self._metrics.track(_ENDPOINT)
         try:
+            if isinstance(request, MalformedRequest):
+                raise lim.LimitError("request", request.reason)
             ids, params = self._check(request)
         except Exception as exc:  # bad input: a status code and a one-line reason
             code, details = _status(exc)
@@ -164,6 +167,33 @@ class BackendHealth(health.aio.HealthServicer):
         return await super().Check(request, context)
 
 
+class MalformedRequest:
+    """Bytes that are not a GenerateRequest (bad wire format, invalid UTF-8 in a string)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _parse_request(raw: bytes) -> pb.GenerateRequest | MalformedRequest:
+    """Parse in the servicer's hands, so a message that does not parse is INVALID_ARGUMENT
+    (grpc answers UNKNOWN when its deserializer raises)."""
+    try:
+        return pb.GenerateRequest.FromString(raw)
+    except DecodeError as exc:
+        return MalformedRequest(f"the request is not a GenerateRequest: {str(exc)[:200]}")
+
+
+def _add_generation(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_parse_request,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def create_grpc_server(
     backend: Backend,
     port: int,
@@ -175,9 +205,7 @@ def create_grpc_server(
     """A bound, not yet started server (`await server.start()`); call inside the serving loop.
     `interceptors` run before every call (access control); `credentials`: TLS."""
     server = grpc.aio.server(interceptors=list(interceptors))
-    pb_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(backend, metrics or RouterMetrics()), server
-    )
+    _add_generation(GenerationServicer(backend, metrics or RouterMetrics()), server)
     health_pb2_grpc.add_HealthServicer_to_server(BackendHealth(backend), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -57,7 +57,7 @@ async def serve_all(
     metrics = metrics or RouterMetrics()
     stop = stop or asyncio.Event()
     gate = Gate()
-    sock = socket.create_server((host, http_port), backlog=2048)  # listening before `ready`
+    sock = _listen(host, http_port)  # listening before `ready`
     app = HTTPAccess(create_app(backend, metrics), gate, api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     http = _HTTPServer(config)
@@ -117,3 +117,19 @@ def _signals_set(stop: asyncio.Event, http: uvicorn.Server, gate: Gate) -> Itera
     finally:
         for sig in sigs:
             loop.remove_signal_handler(sig)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket. Made with proto=IPPROTO_TCP, because asyncio turns on
+    TCP_NODELAY for accepted connections only when the socket says it is TCP (`create_server`
+    leaves proto 0): without it Nagle and delayed ACKs add ~40 ms to every response."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -181,11 +181,6 @@ def test_same_client_request_id_on_two_streams_does_not_collide(
     assert _text(rest) == alone[b] and rest[-1].finish_reason == "length"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="create_grpc_server registers the generated deserializer: a message that does not "
-    "parse gets UNKNOWN from grpc itself, before the servicer runs",
-)
 def test_bytes_that_are_not_a_message_get_invalid_argument(server: ServerThread) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         call = channel.unary_stream("/splitserve.v1.Generation/Generate")
