@@ -67,7 +67,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         echo_id = request.request_id or rid
         status, last = "CANCELLED", None
         try:
-            deltas = stream_text(self._backend, rid, ids, params, tracker)
+            # the call's own deadline is the request's (DEADLINE_EXCEEDED after it)
+            deadline = context.time_remaining()
+            deltas = stream_text(self._backend, rid, ids, params, tracker, deadline)
             async with aclosing(deltas):
                 async for last in deltas:
                     if last.finish_reason == "error":

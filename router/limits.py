@@ -49,6 +49,9 @@ OFF_VALUES: Mapping[str, tuple[object, ...]] = {
 }
 
 
+MAX_DEADLINE_S = 3600.0  # the longest per-request deadline a client may ask for
+
+
 class LimitError(InvalidRequestError):
     """A request field outside its limits; `param` names the field as the client sent it."""
 
@@ -189,6 +192,7 @@ def check_request(req: CompletionRequest | ChatCompletionRequest, limits: Reques
     if req.stream_options is not None and not req.stream:
         raise LimitError("stream_options", "stream_options is only allowed when stream is true")
     check_text("user", req.user, limits.max_user_chars)
+    check_float("deadline_s", req.deadline_s, 0.0, MAX_DEADLINE_S, lo_open=True)
 
 
 def completion_prompt_ids(backend: Backend, prompt: str | list[str | int | list[int]]) -> list[int]:

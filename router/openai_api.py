@@ -26,7 +26,7 @@ from starlette.responses import StreamingResponse
 from router import limits as lim
 from router.admin_api import add_admin_routes
 from router.backend import Backend, validate_prompt
-from router.detokenize import TextDelta, stream_text
+from router.detokenize import TextDelta, primed, stream_text
 from router.metrics import RequestTracker, RouterMetrics
 from router.protocol import (
     APIError,
@@ -142,7 +142,9 @@ async def _completions(
     validate_prompt(backend, ids)
     params = lim.completion_sampling_params(req, backend, limits)
     rid, now, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), backend.model_name
-    deltas = stream_text(backend, rid, ids, params, tracker)
+    deltas = stream_text(backend, rid, ids, params, tracker, req.deadline_s)
+    if req.stream:  # refused or lost before the first token: its own status, not a 200
+        deltas = await primed(deltas)
     tok, offset = backend.tokenizer, [0]
 
     def choice(d: TextDelta) -> CompletionChoice:
@@ -173,7 +175,9 @@ async def _chat(
     validate_prompt(backend, ids)
     params = lim.chat_sampling_params(req, backend, limits, len(ids))
     rid, now, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), backend.model_name
-    deltas = stream_text(backend, rid, ids, params, tracker)
+    deltas = stream_text(backend, rid, ids, params, tracker, req.deadline_s)
+    if req.stream:
+        deltas = await primed(deltas)
     tok = backend.tokenizer
 
     def logprobs(d: TextDelta) -> Any:

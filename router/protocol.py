@@ -58,6 +58,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_options: StreamOptions | None = None
     n: int | None = 1
     user: str | None = None
+    deadline_s: float | None = None  # extension: seconds the request may take in all (408 after)
     # OpenAI's, not implemented: accepted at their off value (limits.check_unsupported)
     frequency_penalty: Any = None
     presence_penalty: Any = None
