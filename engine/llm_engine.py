@@ -191,6 +191,7 @@ class LLMEngine:
             "running": len(s.running),
             "waiting": len(s.waiting),
             "awaiting_kv": len(s.awaiting_kv),
+            "landed": len(s.landed),
             "held": len(s.held),
             "kv_blocks_used": s.allocator.num_used,
             "kv_blocks_total": s.allocator.num_blocks,

@@ -7,7 +7,7 @@ reports back with `step_done` and `finish`.
     add() ──> WAITING ──admit──> RUNNING ──finish──> FINISHED (blocks freed)
                  ^                  │
                  └────preempt───────┘   (blocks freed, KV recomputed later)
-    reserve_remote() ──> AWAITING_KV ──kv_landed──> RUNNING   (decode worker)
+    reserve_remote() ──> AWAITING_KV ──kv_landed──> landed ──a free lane──> RUNNING  (decode)
     prefill_only: RUNNING ──first token──> FINISHED(PREFILLED), blocks held until release()
 
 Policies:
@@ -93,6 +93,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
+        self.landed: deque[Sequence] = deque()  # KV in, waiting for a lane (max_num_seqs)
         self.held: dict[str, Sequence] = {}  # prefill-only, finished, KV not yet released
         self.padding: list[Sequence] = []  # static: finished members still in the batch
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
@@ -104,10 +105,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.landed)
 
     def abort(self, seq_id: str) -> Sequence | None:
-        for seq in [*self.running, *self.waiting, *self.awaiting_kv.values()]:
+        for seq in [*self.running, *self.waiting, *self.landed, *self.awaiting_kv.values()]:
             if seq.seq_id == seq_id:
                 self.finish(seq, FinishReason.ABORT)
                 return seq
@@ -126,6 +127,8 @@ class Scheduler:
                 return self._end_static_batch_if_done()
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.landed:
+            self.landed.remove(seq)
         self.awaiting_kv.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -158,17 +161,23 @@ class Scheduler:
         return list(seq.blocks.block_ids)
 
     def kv_landed(self, seq_id: str, num_computed_tokens: int) -> Sequence:
-        """All pages arrived: the computed count jumps and the sequence joins the batch."""
+        """All pages arrived: the computed count jumps; the sequence joins the batch at the
+        next step that has a lane for it (the batch never exceeds max_num_seqs)."""
         seq = self.awaiting_kv.pop(seq_id)
         seq.num_computed_tokens = num_computed_tokens
         self.kv.publish_full_blocks(seq.blocks, seq.token_ids, num_computed_tokens)
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self.landed.append(seq)
         return seq
+
+    def _admit_landed(self) -> None:
+        while self.landed and len(self.running) < self.config.max_num_seqs:
+            self.running.append(self.landed.popleft())
 
     # ---- one step ------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._admit_landed()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if out.preempted:
             return out

@@ -32,12 +32,12 @@ async def reserve(
     (first come, first served; bounded by reserve_timeout_s) as decodes free blocks."""
     router = life.router
     line = router.reserve_line()
-    router.reserving += 1
+    # nobody is waiting: try at once
+    got = None if line.locked() else await _reserve_round(life, ids, params, avoid)
+    if got is not None:
+        return got
+    router.reserving += 1  # what admission bounds: requests in the line
     try:
-        # nobody is waiting: try at once
-        got = None if line.locked() else await _reserve_round(life, ids, params, avoid)
-        if got is not None:
-            return got
         async with line:  # the longest waiter tries first
             return await life._within(_reserve_waiting(life, ids, params, avoid))
     finally:

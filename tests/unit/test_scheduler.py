@@ -155,6 +155,22 @@ def test_remote_kv_sequence_joins_batch_when_pages_land():
     assert [(c.start, c.num_tokens, c.samples) for c in out.chunks] == [(9, 1, True)]
 
 
+def test_landed_remote_kv_waits_for_a_lane_under_max_num_seqs():
+    s = make_scheduler(max_num_seqs=2)
+    remote = [seq(f"r{i}", 5) for i in range(3)]
+    for r in remote:
+        s.reserve_remote(r, 5)
+        r.token_ids.append(42)
+        s.kv_landed(r.seq_id, 5)
+    out = s.schedule()
+    assert [c.seq.seq_id for c in out.chunks] == ["r0", "r1"]  # the third waits, KV kept
+    assert [x.seq_id for x in s.landed] == ["r2"] and s.has_work()
+    s.finish(remote[0], FinishReason.STOP)
+    assert {c.seq.seq_id for c in s.schedule().chunks} == {"r1", "r2"}
+    s.abort("r2")
+    assert not s.landed
+
+
 def test_abort_frees_blocks_of_waiting_running_and_awaiting():
     s = make_scheduler()
     a, b, c = seq("a", 5), seq("b", 5), seq("c", 5)
@@ -213,7 +229,7 @@ def test_random_admit_finish_preempt_returns_every_block(ops, policy, caching):
 def _check_refcounts(s: Scheduler) -> None:
     """Every block's reference count equals the number of live sequences holding it."""
     holders: dict[int, int] = {}
-    for q in [*s.running, *s.waiting, *s.awaiting_kv.values(), *s.padding]:
+    for q in [*s.running, *s.waiting, *s.landed, *s.awaiting_kv.values(), *s.padding]:
         for b in q.blocks.block_ids:
             holders[b] = holders.get(b, 0) + 1
     for block in s.allocator.blocks:
