@@ -64,6 +64,7 @@ class RequestLife:
         self._queued = 0  # prompt tokens counted on the prefill worker's queue
         self._finished = False  # a delta carried a finish reason
         self._transfer_failures = 0
+        self._admitted_tokens = 0  # prompt tokens counted against the prefill admission bound
 
     async def _within(self, awaitable):
         """Await within the request's deadline (if it has one): DeadlineExceededError after."""
@@ -83,6 +84,7 @@ class RequestLife:
 
     async def run(self) -> AsyncIterator[TokenDelta]:
         self.router.admit(len(self.ids))
+        self._admitted_tokens = 0 if self.router.fleet.config.colocated else len(self.ids)
         try:
             async with aclosing(self._attempts()) as attempts:
                 async for delta in attempts:
@@ -97,6 +99,13 @@ class RequestLife:
             raise
         finally:
             self._drop(Phase.FINISHED if self._finished else Phase.ABORTED)
+            self._leave_prefill_admission()
+            self.router.leave()
+
+    def _leave_prefill_admission(self) -> None:
+        """The prompt's first prefill is done (or never will be): out of the prefill bound."""
+        self.router.leave_prefill(self._admitted_tokens)
+        self._admitted_tokens = 0
 
     # ---- attempts and migration -----------------------------------------------------------
     async def _attempts(self) -> AsyncGenerator[TokenDelta, None]:
@@ -186,6 +195,7 @@ class RequestLife:
         finally:
             leases.drop(decode, self.attempt_rid)
         # its KV went to D and was released: the prefill worker is done with this request
+        self._leave_prefill_admission()
         self.router.fleet.leave(prefill, self._queued)
         self.prefill, self._queued = None, 0
         self.phase = Phase.STREAMING

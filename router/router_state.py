@@ -67,6 +67,8 @@ class Router:
     leases: LeaseKeeper = field(default_factory=LeaseKeeper)
     stats: RecoveryStats = field(default_factory=RecoveryStats)
     reserving: int = 0  # requests waiting for KV room right now
+    held: int = 0  # requests admitted and not ended
+    prefill_tokens: int = 0  # prompt tokens admitted whose prefill has not returned
     _line: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def reserve_line(self) -> asyncio.Lock:
@@ -85,18 +87,30 @@ class Router:
         return [w for w in order if w.name not in avoid] + [w for w in order if w.name in avoid]
 
     def admit(self, prompt_tokens: int) -> None:
-        """Bounded admission per pool (router.admission): OverloadedError past the bound."""
+        """Bounded admission per pool (router.admission): OverloadedError past the bound.
+        Counted here, with no await between check and count, so a burst cannot overshoot;
+        the request gives back with `leave_prefill` and `leave`."""
         fleet = self.fleet
         if fleet.config.colocated:
-            workers = fleet.routable(Role.COLOCATED)
-            held = sum(w.in_flight for w in workers)
-            check_decode(self.admission, PoolLoad(max(1, len(workers)), held))
-            return
-        prefills, decodes = fleet.routable(Role.PREFILL), fleet.routable(Role.DECODE)
-        queued = sum(w.queued_tokens for w in prefills)
-        check_prefill(self.admission, PoolLoad(max(1, len(prefills)), 0, queued), prompt_tokens)
-        held = sum(w.in_flight for w in decodes)
-        check_decode(self.admission, PoolLoad(max(1, len(decodes)), held, waiting=self.reserving))
+            n = len(fleet.routable(Role.COLOCATED))
+            check_decode(self.admission, PoolLoad(max(1, n), self.held))
+        else:
+            n_prefill, n_decode = (
+                len(fleet.routable(Role.PREFILL)),
+                len(fleet.routable(Role.DECODE)),
+            )
+            load = PoolLoad(max(1, n_prefill), queued_tokens=self.prefill_tokens)
+            check_prefill(self.admission, load, prompt_tokens)
+            load = PoolLoad(max(1, n_decode), self.held, waiting=self.reserving)
+            check_decode(self.admission, load)
+            self.prefill_tokens += prompt_tokens
+        self.held += 1
+
+    def leave_prefill(self, prompt_tokens: int) -> None:
+        self.prefill_tokens -= prompt_tokens
+
+    def leave(self) -> None:
+        self.held -= 1
 
     @staticmethod
     def prefill_load(name: str, worker: Worker, cached_tokens: int) -> PrefillLoad:

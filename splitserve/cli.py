@@ -128,7 +128,7 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from bench import hf_peer, prefix_bench, serve_bench, serving, sweep
+    from bench import hf_peer, overload_bench, prefix_bench, serve_bench, serving, sweep
     from bench.offline import add_offline_args
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -166,6 +166,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "shared prefixes: prefix-aware vs random prefill routing, TTFT, hit rate",
             prefix_bench.add_args,
             prefix_bench.run,
+        ),
+        (
+            "overload",
+            "offered load at 10x capacity: 429s with Retry-After, 0 5xx, admitted TPOT, memory",
+            overload_bench.add_args,
+            overload_bench.run,
         ),
     ]
     for name, help_text, add_args, run in commands:
