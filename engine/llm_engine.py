@@ -111,7 +111,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
 
-
     # ---- requests ------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
         check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)

@@ -1,10 +1,10 @@
 """`splitserve serve` flags for faults, overload and the KV port: parsed into PoolConfig fields.
 
-    --max-migrations N          a request may move to new workers N times (then 503)
-    --max-queued-prompt-tokens  prefill admission bound, per prefill worker (then 429)
-    --max-waiting-per-decode    requests waiting for KV room, per decode worker (then 429)
-    --reserve-timeout S         how long a request waits for KV room (then 429)
-    --kv-tls-cert/-key/-ca      KV over gRPC with TLS (a cluster certificate)
+--max-migrations N          a request may move to new workers N times (then 503)
+--max-queued-prompt-tokens  prefill admission bound, per prefill worker (then 429)
+--max-waiting-per-decode    requests waiting for KV room, per decode worker (then 429)
+--reserve-timeout S         how long a request waits for KV room (then 429)
+--kv-tls-cert/-key/-ca      KV over gRPC with TLS (a cluster certificate)
 """
 
 from __future__ import annotations
