@@ -8,11 +8,11 @@ plaintext sender does not reach the server.
 
 from __future__ import annotations
 
-import datetime
 import threading
 
 import pytest
 import torch
+from tls_certs import self_signed
 
 from kv_transfer.auth import new_secret, ticket_tag
 from kv_transfer.errors import KVTransferError
@@ -115,40 +115,9 @@ def test_a_released_reservation_cancels_its_open_push(decode, sender):
     assert decode.table.owned_blocks() == set()
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "splitserve-kv")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("splitserve-kv")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "kv.pem", tmp_path / "kv.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return KVTLS.from_files(str(cert_path), str(key_path), server_name="splitserve-kv")
-
-
 def test_kv_over_tls(tmp_path):
-    tls = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "kv")  # for 127.0.0.1, where the KV server listens
+    tls = KVTLS.from_files(str(cert), str(key))
     decode = _Decode(tls)
     secure, plain = GrpcKVSender(tls=tls), GrpcKVSender()
     try:
