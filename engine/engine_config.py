@@ -28,6 +28,7 @@ class EngineConfig:
     num_threads: int | None = None
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    max_tpot_ms: float | None = None  # decode: bound the batch to hold this TPOT (None: off)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -41,6 +42,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive")
+        if self.max_tpot_ms is not None and not self.max_tpot_ms > 0:
+            raise InvalidRequestError(f"max_tpot_ms must be positive, got {self.max_tpot_ms}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise InvalidRequestError("num_kv_blocks must be positive")
 

@@ -26,6 +26,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulingPolicy
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import IncrementalDetokenizer
+from engine.tpot_governor import TpotGovernor
 
 DEFAULT_MAX_MODEL_LEN = 8192
 LayerHook = Callable[[int, list[ScheduledChunk]], None]
@@ -108,6 +109,11 @@ class LLMEngine:
             )
         )
         self.sampler = Sampler(config.seed)
+        self.governor = (
+            None
+            if config.max_tpot_ms is None
+            else TpotGovernor(config.max_tpot_ms, config.max_num_seqs)
+        )
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
 
@@ -191,6 +197,7 @@ class LLMEngine:
             "waiting": len(s.waiting),
             "awaiting_kv": len(s.awaiting_kv),
             "landed": len(s.landed),
+            "lanes": s.lanes,
             "held": len(s.held),
             "kv_blocks_used": s.allocator.num_used,
             "kv_blocks_total": s.allocator.num_blocks,
@@ -212,16 +219,24 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        start = time.perf_counter()
         batch = self.runner.prepare(out)
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, batch.chunks))
         logits = self.runner.execute(batch, hook)
         self.scheduler.step_done(out)
+        self._govern(out, time.perf_counter() - start)
         self._count(out)
         seqs = [c.seq for c in batch.sample_chunks]
         sampled = self.sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
         now = time.perf_counter()
         reqs = [self._requests[s.seq_id] for s in seqs]
         return [self._append(req, tok, now) for req, tok in zip(reqs, sampled, strict=True)]
+
+    def _govern(self, out, step_s: float) -> None:
+        """Decode-only steps tell the TPOT governor how long a token takes at this batch."""
+        if self.governor is None or any(c.num_tokens != 1 for c in out.chunks):
+            return
+        self.scheduler.lanes = self.governor.observe(len(out.chunks), step_s * 1000)
 
     def _count(self, out) -> None:
         st = self.stats

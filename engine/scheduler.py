@@ -94,6 +94,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: dict[str, Sequence] = {}
         self.landed: deque[Sequence] = deque()  # KV in, waiting for a lane (max_num_seqs)
+        self.lanes = config.max_num_seqs  # decode lanes to hand out (a TPOT governor lowers it)
         self.held: dict[str, Sequence] = {}  # prefill-only, finished, KV not yet released
         self.padding: list[Sequence] = []  # static: finished members still in the batch
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
@@ -152,7 +153,12 @@ class Scheduler:
 
     # ---- KV computed elsewhere (decode worker) -------------------------------
     def reserve_remote(self, seq: Sequence, num_tokens: int) -> list[int] | None:
-        """Reserve blocks for `num_tokens` tokens of KV that will arrive from a peer."""
+        """Reserve blocks for `num_tokens` tokens of KV that will arrive from a peer. None
+        when the blocks are not there, or every lane is taken: a reservation is a lane, so a
+        request waits before its prefill, never between its first and second tokens."""
+        held = len(self.running) + len(self.landed) + len(self.awaiting_kv)
+        if held >= min(self.lanes, self.config.max_num_seqs):
+            return None
         if not self.kv.can_grow(seq.blocks, num_tokens):
             return None
         self.kv.grow(seq.blocks, num_tokens)
@@ -171,7 +177,7 @@ class Scheduler:
         return seq
 
     def _admit_landed(self) -> None:
-        while self.landed and len(self.running) < self.config.max_num_seqs:
+        while self.landed and len(self.running) < self.config.max_num_seqs:  # lanes: reserve
             self.running.append(self.landed.popleft())
 
     # ---- one step ------------------------------------------------------------

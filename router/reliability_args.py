@@ -42,6 +42,14 @@ def add_reliability_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a request waits for KV room on a decode worker before a 429",
     )
+    p.add_argument(
+        "--max-tpot-ms",
+        type=float,
+        default=None,
+        help="a TPOT target: each decode worker hands out only as many lanes (reservations) "
+        "as keep its decode step under it, so under overload admitted requests keep their "
+        "TPOT and the rest wait or get 429 (default: lanes = --max-num-seqs)",
+    )
     p.add_argument("--kv-tls-cert", default=None, help="PEM certificate of the KV servers")
     p.add_argument("--kv-tls-key", default=None, help="PEM key of --kv-tls-cert")
     p.add_argument(

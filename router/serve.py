@@ -239,6 +239,7 @@ def run_serve(args: argparse.Namespace) -> int:
         kv_cache_gb=args.kv_cache_gb,
         chunked_prefill=not args.no_chunked_prefill,
         device="cuda" if use_gpu else "cpu",
+        max_tpot_ms=args.max_tpot_ms,
     )
     check_kv_capacity(engine)  # a one-line error here, not a worker's traceback later
     pools = PoolConfig(

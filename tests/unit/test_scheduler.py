@@ -155,17 +155,19 @@ def test_remote_kv_sequence_joins_batch_when_pages_land():
     assert [(c.start, c.num_tokens, c.samples) for c in out.chunks] == [(9, 1, True)]
 
 
-def test_landed_remote_kv_waits_for_a_lane_under_max_num_seqs():
+def test_a_reservation_is_a_lane_under_max_num_seqs():
     s = make_scheduler(max_num_seqs=2)
     remote = [seq(f"r{i}", 5) for i in range(3)]
-    for r in remote:
-        s.reserve_remote(r, 5)
+    for r in remote[:2]:
+        assert s.reserve_remote(r, 5)
         r.token_ids.append(42)
         s.kv_landed(r.seq_id, 5)
-    out = s.schedule()
-    assert [c.seq.seq_id for c in out.chunks] == ["r0", "r1"]  # the third waits, KV kept
-    assert [x.seq_id for x in s.landed] == ["r2"] and s.has_work()
+    assert s.reserve_remote(remote[2], 5) is None  # blocks free, but no lane
+    assert [c.seq.seq_id for c in s.schedule().chunks] == ["r0", "r1"]
     s.finish(remote[0], FinishReason.STOP)
+    assert s.reserve_remote(remote[2], 5)
+    remote[2].token_ids.append(42)
+    s.kv_landed("r2", 5)
     assert {c.seq.seq_id for c in s.schedule().chunks} == {"r1", "r2"}
     s.abort("r2")
     assert not s.landed
