@@ -78,10 +78,6 @@ class RequestLife:
         except TimeoutError:
             raise DeadlineExceededError("the request's deadline passed") from None
 
-    @property
-    def tokens_sent(self) -> int:
-        return len(self.generated)
-
     async def run(self) -> AsyncIterator[TokenDelta]:
         self.router.admit(len(self.ids))
         self._admitted_tokens = 0 if self.router.fleet.config.colocated else len(self.ids)
