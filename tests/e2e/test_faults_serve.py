@@ -11,7 +11,6 @@ model, real HTTP clients on loopback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -65,7 +64,8 @@ def _wait_nothing_held(server, timeout_s=30.0) -> None:
         time.sleep(0.5)
 
 
-async def _stream(client, prompt, progress=None, cut_after=None) -> str:
+async def _stream(client, prompt, progress=None, cut_after=None) -> str | None:
+    """The streamed text; None when the server refused the request for load (429)."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -76,6 +76,9 @@ async def _stream(client, prompt, progress=None, cut_after=None) -> str:
     }
     text, chunks = "", 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code == 429 and cut_after is not None:  # a burst past admission: fine
+            assert r.headers["retry-after"] and (await r.aread())
+            return None
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -93,6 +96,7 @@ async def _stream(client, prompt, progress=None, cut_after=None) -> str:
 
 def test_streams_cut_by_clients_leave_nothing_held(server):
     rng = random.Random(5)
+    outcomes = {"cut": 0, "refused": 0}
 
     async def cut(client, i):
         long = i % 4 == 0  # a dozen long prompts, some cut during their prefill
@@ -101,14 +105,17 @@ def test_streams_cut_by_clients_leave_nothing_held(server):
         if long or i % 3 == 0:
             await asyncio.sleep(rng.uniform(0.0, 0.5))  # before the first token, often
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            outcomes["refused" if await task is None else "cut"] += 1
+        except asyncio.CancelledError:
+            outcomes["cut"] += 1
 
     async def run():
         async with httpx.AsyncClient(base_url=server.base, timeout=120) as client:
             await asyncio.gather(*(cut(client, i) for i in range(50)))
 
     asyncio.run(asyncio.wait_for(run(), timeout=300))
+    assert outcomes["cut"] >= 25, outcomes  # most were admitted, then cut
     _wait_nothing_held(server)
 
     async def one():
