@@ -42,9 +42,14 @@ class PacedBackend(LocalBackend):
     pace_s = 0.01
 
     async def generate(  # type: ignore[override]
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        deadline_s: float | None = None,
     ) -> AsyncIterator[TokenDelta]:
-        async with aclosing(super().generate(request_id, prompt_token_ids, params)) as deltas:
+        inner = super().generate(request_id, prompt_token_ids, params, deadline_s)
+        async with aclosing(inner) as deltas:
             async for delta in deltas:
                 await asyncio.sleep(self.pace_s)
                 yield delta
