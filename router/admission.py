@@ -2,8 +2,8 @@
 Retry-After, gRPC RESOURCE_EXHAUSTED), so the requests already admitted keep their latency
 and the router's memory stays bounded by the bound, not by the offered load.
 
-    prefill pool: prompt tokens queued on its active workers (not yet prefilled)
-                  + this prompt <= queued_tokens_per_prefill x workers
+    prefill pool: prompt tokens admitted and not yet prefilled + this prompt
+                  <= queued_tokens_per_prefill x active workers
     decode pool:  requests waiting for KV room <= waiting_per_decode x workers, and
                   requests held (reserved or streaming) <= streams_per_decode x workers
     colocated:    requests held <= (streams_per_decode + waiting_per_decode) x workers
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError, OverloadedError
 
+DEFAULT_CONTEXT = 8192  # the engine's default max_model_len cap (engine.llm_engine)
+
 
 @dataclass(frozen=True, slots=True)
 class AdmissionLimits:
@@ -29,6 +31,12 @@ class AdmissionLimits:
         for name in ("queued_tokens_per_prefill", "streams_per_decode", "waiting_per_decode"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"admission limit {name} must be >= 1")
+
+
+def default_queued_tokens(max_num_batched_tokens: int, max_model_len: int | None) -> int:
+    """The prefill bound per worker: about 4 prefill steps, and never less than one prompt
+    of the longest context (so a long prompt is not shut out by a few short ones)."""
+    return max(4 * max_num_batched_tokens, max_model_len or DEFAULT_CONTEXT)
 
 
 @dataclass(frozen=True, slots=True)

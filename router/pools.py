@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.auth import new_secret
 from kv_transfer.tls import KVTLS
 from kv_transfer.transport import ACTOR_NAMESPACE, TransportConfig
-from router.admission import AdmissionLimits
+from router.admission import AdmissionLimits, default_queued_tokens
 from router.fleet import Fleet, FleetConfig, Worker
 from router.placement import PlacementPolicy, Role, plan_placement
 from router.request_life import RequestLife, Router
@@ -77,10 +77,8 @@ class PoolConfig:
         if self.admission is not None:
             return self.admission
         e = self.engine
-        return AdmissionLimits(
-            queued_tokens_per_prefill=4 * e.max_num_batched_tokens,
-            streams_per_decode=e.max_num_seqs,
-        )
+        queued = default_queued_tokens(e.max_num_batched_tokens, e.max_model_len)
+        return AdmissionLimits(queued_tokens_per_prefill=queued, streams_per_decode=e.max_num_seqs)
 
     @property
     def colocated(self) -> bool:

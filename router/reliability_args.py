@@ -27,7 +27,7 @@ def add_reliability_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prompt tokens queued per prefill worker before new requests get 429 "
-        "(default: 4 x --max-num-batched-tokens)",
+        "(default: 4 x --max-num-batched-tokens, at least 8192: one longest prompt)",
     )
     p.add_argument(
         "--max-waiting-per-decode",
@@ -65,13 +65,15 @@ def add_reliability_args(p: argparse.ArgumentParser) -> None:
 def reliability_config(args: argparse.Namespace) -> dict[str, Any]:
     """PoolConfig keyword arguments; a one-line SplitServeError for a bad value."""
     from kv_transfer.tls import KVTLS
-    from router.admission import AdmissionLimits
+    from router.admission import AdmissionLimits, default_queued_tokens
 
     if args.max_migrations < 0:
         raise SplitServeError(f"--max-migrations must be >= 0, got {args.max_migrations}")
     if args.reserve_timeout <= 0:
         raise SplitServeError(f"--reserve-timeout must be positive, got {args.reserve_timeout}")
-    queued = args.max_queued_prompt_tokens or 4 * args.max_num_batched_tokens
+    queued = args.max_queued_prompt_tokens or default_queued_tokens(
+        args.max_num_batched_tokens, None
+    )
     admission = AdmissionLimits(
         queued_tokens_per_prefill=queued,
         streams_per_decode=args.max_num_seqs,
