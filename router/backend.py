@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from engine.engine_loop import EngineLoop, TokenDelta, stream
-from engine.errors import DeadlineExceededError, check_prompt
+from engine.errors import check_prompt
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -27,11 +27,7 @@ class Backend(Protocol):
     vocab_size: int
 
     def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        deadline_s: float | None = None,
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[TokenDelta]: ...
 
     async def status(self) -> dict[str, Any]: ...
@@ -55,14 +51,9 @@ class LocalBackend:
         self.vocab_size = loop.engine.model_config.vocab_size
 
     def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        deadline_s: float | None = None,
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
-        deltas = stream(self.loop, request_id, prompt_token_ids, params)
-        return deltas if deadline_s is None else _within(deltas, deadline_s)
+        return stream(self.loop, request_id, prompt_token_ids, params)
 
     async def status(self) -> dict[str, Any]:
         snapshot = await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
@@ -74,22 +65,3 @@ class LocalBackend:
 
     def shutdown(self) -> None:
         self.loop.stop()
-
-
-async def _within(
-    deltas: AsyncIterator[TokenDelta], deadline_s: float
-) -> AsyncIterator[TokenDelta]:
-    """The deltas until the deadline; then the request is aborted (closing `stream`)."""
-    aio = asyncio.get_running_loop()
-    end = aio.time() + deadline_s
-    try:
-        while True:
-            try:
-                delta = await asyncio.wait_for(anext(deltas), max(0.0, end - aio.time()))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise DeadlineExceededError("the request's deadline passed") from None
-            yield delta
-    finally:
-        await deltas.aclose()  # type: ignore[attr-defined]

@@ -12,12 +12,15 @@ Stop strings are the router's job: the workers are sent the params without them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from engine.engine_loop import TokenDelta
+from engine.errors import DeadlineExceededError
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -110,8 +113,8 @@ async def stream_text(
     )
     worker_params = dataclasses.replace(params, stop=(), include_stop_str_in_output=False)
     num_out = 0
-    generating = backend.generate(request_id, prompt_ids, worker_params, deadline_s=deadline_s)
-    async with _closing(generating) as deltas:
+    generating = backend.generate(request_id, prompt_ids, worker_params)
+    async with _closing(_within(generating, deadline_s)) as deltas:
         async for delta in deltas:
             text, ids = "", []
             for token_id in delta.token_ids:
@@ -130,6 +133,33 @@ async def stream_text(
             yield TextDelta(text, ids, logprobs, reason, len(prompt_ids), num_out)
             if reason is not None:
                 return  # leaving the `async with` closes (aborts) a request still running
+
+
+async def _within(
+    deltas: AsyncIterator[TokenDelta], deadline_s: float | None
+) -> AsyncGenerator[TokenDelta, None]:
+    """The backend's deltas until the request's deadline (if it has one): then the pending
+    wait (for KV room, the prefill, the next token) is cancelled, the backend's iterator
+    closed (the request aborted on every worker) and DeadlineExceededError raised."""
+    try:
+        if deadline_s is None:
+            async for delta in deltas:
+                yield delta
+            return
+        aio = asyncio.get_running_loop()
+        end = aio.time() + deadline_s
+        while True:
+            try:
+                delta = await asyncio.wait_for(anext(deltas), max(0.0, end - aio.time()))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceededError("the request's deadline passed") from None
+            yield delta
+    finally:
+        aclose = getattr(deltas, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def primed(deltas: AsyncGenerator[TextDelta, None]) -> AsyncGenerator[TextDelta, None]:

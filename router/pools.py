@@ -131,21 +131,15 @@ class RayBackend:
             max_migrations=config.max_migrations,
         )
         self._sync_prefix_index()
-        self.max_model_len = min(i["max_model_len"] for i in infos)
+        self.max_model_len = self.fleet.max_model_len  # the smallest of the workers' own
         self.vocab_size = infos[0]["vocab_size"]
         self.tokenizer = load_tokenizer(resolve_model(config.engine.model))
 
     # ---- Backend ------------------------------------------------------------------
     def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        deadline_s: float | None = None,
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
-        """Stream a request's deltas; `deadline_s`: seconds it may take in all."""
-        life = RequestLife(self.router, request_id, list(prompt_token_ids), params, deadline_s)
-        return life.run()
+        return RequestLife(self.router, request_id, list(prompt_token_ids), params).run()
 
     async def scale(
         self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None

@@ -27,33 +27,22 @@ from contextlib import aclosing
 import ray
 
 from engine.engine_loop import TokenDelta
-from engine.errors import DeadlineExceededError, UnavailableError
+from engine.errors import UnavailableError
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
 from router.placement import Role
 from router.reserve import reserve
 from router.router_state import Phase, Router, WorkerLost
-from router.routing import PrefillPolicy, block_hashes, pick_prefill
+from router.routing import PrefillLoad, PrefillPolicy, block_hashes, pick_prefill
 from router.workers import Worker
 
 __all__ = ["Phase", "RequestLife", "Router", "WorkerLost"]
 
 
 class RequestLife:
-    def __init__(
-        self,
-        router: Router,
-        rid: str,
-        ids: list[int],
-        params: SamplingParams,
-        deadline_s: float | None = None,
-    ):
+    def __init__(self, router: Router, rid: str, ids: list[int], params: SamplingParams):
         self.router, self.rid, self.ids, self.params = router, rid, ids, params
-        # the request's own deadline (event-loop time), from its deadline option
-        self.deadline = (
-            None if deadline_s is None else asyncio.get_running_loop().time() + deadline_s
-        )
         self.phase = Phase.ROUTED
         self.attempt = 0
         self.attempt_rid = rid
@@ -66,21 +55,8 @@ class RequestLife:
         self._transfer_failures = 0
         self._admitted_tokens = 0  # prompt tokens counted against the prefill admission bound
 
-    async def _within(self, awaitable):
-        """Await within the request's deadline (if it has one): DeadlineExceededError after."""
-        if self.deadline is None:
-            return await awaitable
-        left = self.deadline - asyncio.get_running_loop().time()
-        try:
-            if left <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(awaitable, left)
-        except TimeoutError:
-            raise DeadlineExceededError("the request's deadline passed") from None
-
     async def run(self) -> AsyncIterator[TokenDelta]:
-        self.router.admit(len(self.ids))
-        self._admitted_tokens = 0 if self.router.fleet.config.colocated else len(self.ids)
+        self._admitted_tokens = self.router.admit(len(self.ids))
         try:
             async with aclosing(self._attempts()) as attempts:
                 async for delta in attempts:
@@ -179,13 +155,11 @@ class RequestLife:
         leases = self.router.leases
         leases.hold(decode, self.attempt_rid)
         try:
-            call = prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
-            first = await self._within(call)
+            first = await prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
         except KVTransferError as exc:  # the prefill worker could not hand its KV to D
             raise WorkerLost(decode, f"KV transfer failed: {exc}", transfer=True) from None
         except ray.exceptions.RayActorError as exc:
-            dead = isinstance(exc, ray.exceptions.ActorDiedError)
-            raise WorkerLost(prefill, "died during prefill", dead=dead) from None
+            raise WorkerLost.of(prefill, "died during prefill", exc) from None
         except ray.exceptions.RayTaskError as exc:  # it ended the prompt on its own
             raise WorkerLost(prefill, f"prefill failed: {exc.cause!r}") from None
         finally:
@@ -211,7 +185,7 @@ class RequestLife:
         # only the prefix policy reads the index: other policies skip hashing the prompt
         hashes = block_hashes(ids, bs) if router.policy is PrefillPolicy.PREFIX else []
         cached = {n: bs * router.prefix_index.cached_blocks(n, hashes) for n in workers}
-        loads = [router.prefill_load(n, w, cached[n]) for n, w in workers.items()]
+        loads = [PrefillLoad(n, w.queued_tokens, cached[n]) for n, w in workers.items()]
         name = pick_prefill(loads, len(ids), router.policy, router.rng)
         router.prefix_index.record(name, hashes)
         self.prefill = workers[name]
@@ -223,19 +197,14 @@ class RequestLife:
         """Flatten a worker's streamed batches of deltas; a worker that dies or ends the
         request on its own (lease lost, engine error) is a lost worker, not the end."""
         try:
-            while True:
-                try:
-                    ref = await self._within(stream.__anext__())
-                except StopAsyncIteration:
-                    return
+            async for ref in stream:
                 for delta in await ref:
                     if delta.finish_reason in ("abort", "error"):
                         dead = delta.finish_reason == "error"  # its engine loop died
                         raise WorkerLost(worker, f"ended the request ({delta.finish_reason})", dead)
                     yield delta
         except ray.exceptions.RayActorError as exc:
-            dead = isinstance(exc, ray.exceptions.ActorDiedError)
-            raise WorkerLost(worker, "died while streaming", dead=dead) from None
+            raise WorkerLost.of(worker, "died while streaming", exc) from None
 
     # ---- the one cleanup -------------------------------------------------------------------
     def _drop(self, phase: Phase, dead: Worker | None = None) -> None:

@@ -39,7 +39,7 @@ async def reserve(
     router.reserving += 1  # what admission bounds: requests in the line
     try:
         async with line:  # the longest waiter tries first
-            return await life._within(_reserve_waiting(life, ids, params, avoid))
+            return await _reserve_waiting(life, ids, params, avoid)
     finally:
         router.reserving -= 1
 
@@ -80,9 +80,10 @@ async def _try_reserve(
         return None
     try:
         ticket = await worker.actor.reserve.remote(life.attempt_rid, ids, params)
-    except ray.exceptions.RayActorError as exc:
-        if isinstance(exc, ray.exceptions.ActorDiedError):
-            fleet.lost(worker)
+    except ray.exceptions.ActorDiedError:
+        fleet.lost(worker)
+        return None
+    except ray.exceptions.RayActorError:  # unavailable for now: try the next one
         return None
     if ticket is None:
         worker.free_blocks = 0

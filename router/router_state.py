@@ -9,11 +9,13 @@ import enum
 import random
 from dataclasses import dataclass, field
 
+import ray
+
 from router.admission import AdmissionLimits, PoolLoad, check_decode, check_prefill
 from router.fleet import Fleet, Worker
 from router.leases import LeaseKeeper
 from router.placement import Role
-from router.routing import DecodeLoad, PrefillLoad, PrefillPolicy, PrefixIndex, decode_order
+from router.routing import DecodeLoad, PrefillPolicy, PrefixIndex, decode_order
 
 
 class Phase(enum.Enum):
@@ -34,6 +36,11 @@ class WorkerLost(Exception):
     def __init__(self, worker: Worker, reason: str, dead: bool = False, transfer: bool = False):
         super().__init__(f"{worker.name}: {reason}")
         self.worker, self.dead, self.transfer = worker, dead, transfer
+
+    @classmethod
+    def of(cls, worker: Worker, reason: str, error: ray.exceptions.RayActorError) -> WorkerLost:
+        """A Ray actor error: dead if the actor died, else only unavailable for now."""
+        return cls(worker, reason, dead=isinstance(error, ray.exceptions.ActorDiedError))
 
 
 @dataclass(slots=True)
@@ -86,32 +93,28 @@ class Router:
         order = [by_name[n] for n in decode_order(loads, self.rng)]
         return [w for w in order if w.name not in avoid] + [w for w in order if w.name in avoid]
 
-    def admit(self, prompt_tokens: int) -> None:
+    def admit(self, prompt_tokens: int) -> int:
         """Bounded admission per pool (router.admission): OverloadedError past the bound.
         Counted here, with no await between check and count, so a burst cannot overshoot;
-        the request gives back with `leave_prefill` and `leave`."""
+        returns the prompt tokens counted against the prefill bound, which the request
+        gives back with `leave_prefill` (and itself with `leave`)."""
         fleet = self.fleet
         if fleet.config.colocated:
             n = len(fleet.routable(Role.COLOCATED))
             check_decode(self.admission, PoolLoad(max(1, n), self.held))
-        else:
-            n_prefill, n_decode = (
-                len(fleet.routable(Role.PREFILL)),
-                len(fleet.routable(Role.DECODE)),
-            )
-            load = PoolLoad(max(1, n_prefill), queued_tokens=self.prefill_tokens)
-            check_prefill(self.admission, load, prompt_tokens)
-            load = PoolLoad(max(1, n_decode), self.held, waiting=self.reserving)
-            check_decode(self.admission, load)
-            self.prefill_tokens += prompt_tokens
+            self.held += 1
+            return 0
+        n_prefill, n_decode = len(fleet.routable(Role.PREFILL)), len(fleet.routable(Role.DECODE))
+        load = PoolLoad(max(1, n_prefill), queued_tokens=self.prefill_tokens)
+        check_prefill(self.admission, load, prompt_tokens)
+        load = PoolLoad(max(1, n_decode), self.held, waiting=self.reserving)
+        check_decode(self.admission, load)
+        self.prefill_tokens += prompt_tokens
         self.held += 1
+        return prompt_tokens
 
     def leave_prefill(self, prompt_tokens: int) -> None:
         self.prefill_tokens -= prompt_tokens
 
     def leave(self) -> None:
         self.held -= 1
-
-    @staticmethod
-    def prefill_load(name: str, worker: Worker, cached_tokens: int) -> PrefillLoad:
-        return PrefillLoad(name, worker.queued_tokens, cached_tokens)

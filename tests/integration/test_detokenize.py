@@ -91,7 +91,7 @@ class _ChunkyBackend:
         self.params: SamplingParams | None = None
 
     async def generate(
-        self, rid: str, prompt: Sequence[int], params: SamplingParams, deadline_s=None
+        self, rid: str, prompt: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
         self.params = params
         try:

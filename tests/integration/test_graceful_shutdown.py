@@ -42,14 +42,9 @@ class PacedBackend(LocalBackend):
     pace_s = 0.01
 
     async def generate(  # type: ignore[override]
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        deadline_s: float | None = None,
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
-        inner = super().generate(request_id, prompt_token_ids, params, deadline_s)
-        async with aclosing(inner) as deltas:
+        async with aclosing(super().generate(request_id, prompt_token_ids, params)) as deltas:
             async for delta in deltas:
                 await asyncio.sleep(self.pace_s)
                 yield delta
