@@ -149,8 +149,11 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
             for chunk in request_iterator:
                 if isinstance(chunk, pb.KVChunk) and chunk.WhichOneof("kind") == "page":
                     chunk = InboundPage(chunk.page, memoryview(chunk.page.payload))
-                rid = chunk.header.request_id if isinstance(chunk, InboundPage) else ""
-                rid = rid or (chunk.done.request_id if not isinstance(chunk, InboundPage) else "")
+                rid = (
+                    chunk.header.request_id
+                    if isinstance(chunk, InboundPage)
+                    else chunk.done.request_id
+                )
                 if not request_id:
                     self._admit(rid, context)  # aborts the call unless authorized
                     request_id = rid
