@@ -194,8 +194,18 @@ def phase_summary(records: list[dict[str, Any]], duration_s: float) -> dict[str,
         "ttft_ms": s["ttft_ms"],
         "tpot_ms": s["tpot_ms"],
         "itl_ms": s["itl_ms"],
-        "errors": sorted({r["error"] for r in records if r["error"]})[:5],
+        "errors": _errors(records),
     }
+
+
+def _errors(records: list[dict[str, Any]], n: int = 5) -> list[str]:
+    """Up to `n` distinct errors, the rarest outcomes first (one connection error among a
+    thousand 429s is the one to show)."""
+    counts = Counter(r["outcome"] for r in records if r["error"])
+    seen: dict[str, None] = {}
+    for rec in sorted((r for r in records if r["error"]), key=lambda r: counts[r["outcome"]]):
+        seen.setdefault(f"{rec['outcome']}: {rec['error']}")
+    return list(seen)[:n]
 
 
 def _share(records: list[dict[str, Any]], pred: Any) -> float | None:

@@ -29,6 +29,11 @@ from router.openai_api import create_app
 
 log = logging.getLogger(__name__)
 _STOP_S = 1  # after the drain: time for the servers to close their connections
+# An idle keep-alive connection is closed by the client before the server: clients (httpx,
+# aiohttp, requests' pools) drop idle connections after 5-15 s, and a server that closed
+# first at uvicorn's 5 s races a client sending its next request on that connection: the
+# request is lost with a connection reset. 75 s, as nginx's default.
+KEEP_ALIVE_S = 75
 
 
 class _HTTPServer(uvicorn.Server):
@@ -59,7 +64,9 @@ async def serve_all(
     gate = Gate()
     sock = _listen(host, http_port)  # listening before `ready`
     app = HTTPAccess(create_app(backend, metrics), gate, api_key)
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_S
+    )
     http = _HTTPServer(config)
     grpc_server = create_grpc_server(
         backend, grpc_port, host, metrics, [GRPCAccess(gate, api_key)], grpc_credentials
