@@ -54,18 +54,19 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B]
     scale: float,
 ) -> torch.Tensor:  # [B, H, D]
+    """One gather of each sequence's pages (index_select: a row copy per block), then SDPA
+    on strided views of it: no transposed copy of K or V, no [B, H, L] scores in Python."""
     b, h, d = q.shape
     kvh, bs = k_cache.shape[2], k_cache.shape[1]
-    blocks = block_tables.long()
-    length = blocks.shape[1] * bs
-    k = k_cache[blocks].view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-    v = v_cache[blocks].view(b, length, kvh, d).transpose(1, 2)
-    qg = q.view(b, kvh, h // kvh, d)  # [B, KVH, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
-    pad = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, d)
+    flat = block_tables.reshape(-1).long()
+    length = block_tables.shape[1] * bs
+    k = k_cache.index_select(0, flat).view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+    v = v_cache.index_select(0, flat).view(b, length, kvh, d).transpose(1, 2)
+    live = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].to(q.device)
+    out = F.scaled_dot_product_attention(
+        q.view(b, h, 1, d), k, v, attn_mask=live[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [B, H, 1, D]
+    return out.view(b, h, d)
 
 
 def paged_prefill_attention(

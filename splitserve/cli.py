@@ -128,7 +128,15 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from bench import hf_peer, overload_bench, prefix_bench, serve_bench, serving, sweep
+    from bench import (
+        hf_peer,
+        overload_bench,
+        prefix_bench,
+        serve_bench,
+        serving,
+        step_profile,
+        sweep,
+    )
     from bench.offline import add_offline_args
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -172,6 +180,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "offered load at 10x capacity: 429s with Retry-After, 0 5xx, admitted TPOT, memory",
             overload_bench.add_args,
             overload_bench.run,
+        ),
+        (
+            "step",
+            "where a decode step's time goes: phases and top ops, per batch size",
+            step_profile.add_args,
+            step_profile.run,
         ),
     ]
     for name, help_text, add_args, run in commands:
