@@ -94,6 +94,7 @@ class LLMEngine:
             config.block_size,
             config.torch_dtype,
             config.torch_device,
+            config.packed_gemm,
         )
         del state
         self.scheduler = Scheduler(

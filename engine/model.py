@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, RopeScaling
+from engine.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +88,8 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         h, d = config.hidden_size, config.head_dim
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, h, bias=False)
 
     def forward(self, x, rope_cos_sin, kv_layer, meta: AttentionMetadata):
         # x: [T, hidden]; kv_layer: [2, blocks, block_size, KVH, D]
@@ -105,8 +106,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, self.inter = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(h, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, h, bias=False)
+        self.gate_up_proj = Linear(h, 2 * self.inter, bias=False)
+        self.down_proj = Linear(self.inter, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -140,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.rope = RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -8,6 +8,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillChunkMeta
 from engine.config import ModelConfig
+from engine.linear import pack_linears
 from engine.model import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -31,6 +32,7 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        packed_gemm: bool = True,
     ):
         self.config = config
         self.block_size = block_size
@@ -43,6 +45,8 @@ class ModelRunner:
         if config.tie_word_embeddings:  # to_empty() unties shared parameters
             model.lm_head.weight = model.model.embed_tokens.weight
         model.load_weights(state_dict)
+        if packed_gemm:  # fp32 on CPU: MKL's packed GEMM for decode-sized batches
+            pack_linears(model)
         self.model = model.eval()
         shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed, not empty: padded slots are multiplied by zero attention weight,

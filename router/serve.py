@@ -100,6 +100,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per worker")
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument(
+        "--no-packed-gemm",
+        action="store_true",
+        help="float32 on CPU: skip the packed copy of the weights (saves their size in "
+        "memory per worker; decode steps of 5-64 sequences run slower)",
+    )
     p.add_argument("--served-model-name", default=None)
     add_access_args(p)
     add_reliability_args(p)
@@ -238,6 +244,7 @@ def run_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         kv_cache_gb=args.kv_cache_gb,
         chunked_prefill=not args.no_chunked_prefill,
+        packed_gemm=not args.no_packed_gemm,
         device="cuda" if use_gpu else "cpu",
         max_tpot_ms=args.max_tpot_ms,
     )

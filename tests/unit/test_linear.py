@@ -1,0 +1,50 @@
+"""engine.linear: the packed GEMM path gives F.linear's results at every row count it takes,
+and stays out of the way where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.linear import PACKED_MAX_ROWS, PACKED_MIN_ROWS, Linear, pack_linears, packing_available
+
+needs_mkl = pytest.mark.skipif(
+    not packing_available(torch.float32, torch.device("cpu")), reason="torch built without MKL"
+)
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS, 16, 32, 33, PACKED_MAX_ROWS, 200])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_forward_equals_f_linear(rows, bias):
+    torch.manual_seed(rows)
+    layer = Linear(96, 200, bias=bias)
+    layer.pack()
+    assert layer.packed is not None
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    # leading dims are kept, and a strided input is read right
+    x3 = torch.randn(2, rows, 192)[..., ::2]
+    torch.testing.assert_close(layer(x3), F.linear(x3, layer.weight, layer.bias))
+
+
+def test_bfloat16_is_never_packed():
+    model = torch.nn.Sequential(Linear(8, 8), Linear(8, 8)).to(torch.bfloat16)
+    assert pack_linears(model) == 0
+    x = torch.randn(8, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(
+        model(x),
+        F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias),
+    )
+
+
+@needs_mkl
+def test_a_repacked_weight_is_what_forward_uses():
+    layer = Linear(16, 16, bias=False)
+    layer.pack()
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    layer.pack()
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
