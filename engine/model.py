@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, the same values as the lines below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -50,32 +52,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables, HF's non-interleaved (rotate-half) layout."""
+    """Precomputed cos/sin tables, HF's non-interleaved (rotate-half) layout. The sin table's
+    first half is negated, so rotate-half is a roll: x * cos + roll(x, D/2) * sin."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)
+        sin = freqs.sin()
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin: [T, 1, D] for the step's positions, computed once for all layers."""
+        """cos, signed sin: [T, 1, D] for the step's positions, computed once for all layers."""
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    # x: [T, heads, D]; rotate-half(x) * sin == roll(x, D/2) * signed sin, exactly
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -94,9 +92,11 @@ class Attention(nn.Module):
     def forward(self, x, rope_cos_sin, kv_layer, meta: AttentionMetadata):
         # x: [T, hidden]; kv_layer: [2, blocks, block_size, KVH, D]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), *rope_cos_sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), *rope_cos_sin)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rope(
+            qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope_cos_sin
+        )
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # q and k roped at once
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_layer[0], kv_layer[1], meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
