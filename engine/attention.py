@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_attention import paged_decode_attention_cpu
+
 
 @dataclass(slots=True)
 class PrefillChunkMeta:
@@ -101,6 +103,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.transpose(0, 1)
 
 
+def _decode(q, k_cache, v_cache, tables, lens, scale: float, use_triton: bool) -> torch.Tensor:
+    """The fastest decode attention that applies: Triton on CUDA, the C++ page-walking
+    kernel for float32 on CPU (engine.cpu_attention), else the torch gather + SDPA."""
+    if use_triton:
+        from engine.triton_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale)
+    out = paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, scale)
+    if out is None:
+        out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
@@ -115,12 +130,10 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        decode = paged_decode_attention
-        if meta.use_triton:
-            from engine.triton_attention import paged_decode_attention_triton as decode
-        out[:nd] = decode(
-            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
-        )
+        out[:nd] = _decode(
+            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+            meta.use_triton,
+        )  # fmt: skip
     for p in meta.prefills:
         rows = slice(p.query_start, p.query_start + p.query_len)
         if p.context_len == p.query_len:  # nothing cached before the chunk: use its own K/V
