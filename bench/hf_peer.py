@@ -1,10 +1,11 @@
-"""`splitserve bench peer`: the same `bench serve` workload against HF `transformers serve
---continuous-batching` and against splitserve, on the same machine, side by side.
+"""`splitserve bench peer`'s HF side: the HF-format copy of the model every peer serves, and
+the `transformers serve --continuous-batching` peer (bench/peer_compare.py runs the comparison,
+bench/vllm_peer.py the vLLM peer).
 
     model (name / .gguf / HF dir) --write_hf_copy--> HF dir (config, safetensors, tokenizer)
         |                                                 |
         | splitserve serve --model M --dtype D            | transformers serve --continuous-batching
-        v                                                 v
+        v                                                 v                    (PeerServer)
     bench serve (seed S: the same text prompts, temperature 0, stop at EOS) -> two results
 
 The peer serves a plain `LlamaForCausalLM` holding splitserve's own weights (`load_hf_model`),
@@ -17,23 +18,19 @@ splitserve, never both at once.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench import serve_bench
-from bench.server_process import ServerProcess, free_port, stop_group, wait_healthy
+from bench.server_process import free_port, stop_group, wait_healthy
 from engine.errors import InvalidRequestError
 
 MARKER = "splitserve_source.json"  # written last: its presence means the copy is complete
 DTYPE_CHOICES = ("bfloat16", "float32")  # what `splitserve serve --dtype` takes
 CB_PAGE_SIZE = 256  # tokens per block of transformers' continuous batching (its default)
-_SET_BY_PEER = ("--model", "--dtype", "--port", "--grpc-port", "--served-model-name")
 
 
 def _copy_marker(source: Path, dtype: str) -> dict[str, Any]:
@@ -164,155 +161,6 @@ class PeerServer:
         self.stop()
 
 
-# ---- splitserve bench peer -------------------------------------------------------------------
-
-PEER, OURS = "transformers serve", "splitserve"
-_ROWS = (
-    ("Successful requests", "completed", None, "{}"),
-    ("Failed requests", "failed", None, "{}"),
-    ("Total input tokens", "total_input_tokens", None, "{}"),
-    ("Total output tokens", "total_output_tokens", None, "{}"),
-    ("Request throughput (req/s)", "request_throughput", None, "{:.2f}"),
-    ("Output token throughput (tok/s)", "output_throughput", None, "{:.2f}"),
-    ("Mean TTFT (ms)", "ttft_ms", "mean", "{:.1f}"),
-    ("Median TTFT (ms)", "ttft_ms", "median", "{:.1f}"),
-    ("P99 TTFT (ms)", "ttft_ms", "p99", "{:.1f}"),
-    ("Median TPOT (ms)", "tpot_ms", "median", "{:.1f}"),
-    ("P99 TPOT (ms)", "tpot_ms", "p99", "{:.1f}"),
-    ("Median ITL (ms)", "itl_ms", "median", "{:.1f}"),
-    ("P99 ITL (ms)", "itl_ms", "p99", "{:.1f}"),
-    ("Median E2E (ms)", "e2e_ms", "median", "{:.1f}"),
-)
-
-
-def add_peer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model name, .gguf file or HF dir")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES)
-    p.add_argument(
-        "--hf-dir", type=Path, default=None, help="default: bench/results/hf-MODEL-DTYPE"
-    )
-    p.add_argument("--endpoint", default="completions", choices=["completions", "chat"])
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument(
-        "--request-rate", type=float, default=1.0, help="requests/s, Poisson (inf: all at once)"
-    )
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--random-input-len", type=int, default=256, help="words per random prompt")
-    p.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request")
-    p.add_argument("--seed", type=int, default=0, help="the prompts and arrivals (same for both)")
-    p.add_argument(
-        "--splitserve-args",
-        default="",
-        help='extra `splitserve serve` flags, one string: --splitserve-args="--mode colocated"',
-    )
-    p.add_argument(
-        "--peer-threads", type=int, default=None, help="transformers serve's OMP_NUM_THREADS"
-    )
-    p.add_argument(
-        "--peer-kv-cache-gb", type=float, default=2.0, help="transformers serve's KV cache size"
-    )
-    p.add_argument("--result-json", type=Path, default=None)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-
-
-def _validate(args: argparse.Namespace) -> list[str]:
-    """The `splitserve serve` flags of --splitserve-args; InvalidRequestError for bad options."""
-    for name in ("num_prompts", "request_rate", "random_input_len", "random_output_len"):
-        if not getattr(args, name) > 0:
-            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive")
-    if not args.peer_kv_cache_gb > 0:
-        raise InvalidRequestError("--peer-kv-cache-gb must be positive")
-    for name in ("max_concurrency", "peer_threads"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive")
-    try:
-        serve_args = shlex.split(args.splitserve_args)
-    except ValueError as exc:
-        raise InvalidRequestError(f"--splitserve-args: {exc}") from None
-    for flag in serve_args:
-        if flag.split("=", 1)[0] in _SET_BY_PEER:
-            raise InvalidRequestError(
-                f"--splitserve-args cannot set {flag.split('=', 1)[0]}: bench peer sets it"
-            )
-    return serve_args
-
-
 def default_hf_dir(model: str, dtype: str) -> Path:
     name = Path(model).stem if ("/" in model or model.endswith(".gguf")) else model
     return Path(__file__).resolve().parent / "results" / f"hf-{name}-{dtype}"
-
-
-def _workload(args: argparse.Namespace, base_url: str, model: str, **overrides: Any):
-    """The `bench serve` options: text prompts (the peer takes no token ids), greedy, stop at
-    EOS (the peer refuses ignore_eos)."""
-    options = {
-        "base_url": base_url,
-        "model": model,
-        "endpoint": args.endpoint,
-        "num_prompts": args.num_prompts,
-        "request_rate": args.request_rate,
-        "max_concurrency": args.max_concurrency,
-        "random_input_len": args.random_input_len,
-        "random_output_len": args.random_output_len,
-        "seed": args.seed,
-        "text_prompts": True,
-        "temperature": 0.0,
-        "ignore_eos": False,
-        "no_progress": args.no_progress,
-    }
-    return serve_bench.default_args(**{**options, **overrides})
-
-
-def measure(name: str, base_url: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One warm-up request (another seed: no prefix-cache hit), then the workload."""
-    warm_up = _workload(
-        args, base_url, model, num_prompts=1, seed=args.seed + 1, request_rate=float("inf"),
-        no_progress=True,
-    )  # fmt: skip
-    summary = serve_bench.benchmark(warm_up)["summary"]
-    if summary["failed"]:
-        raise RuntimeError(f"{name}: the warm-up request failed: {summary['errors'][0]}")
-    print(f"{name}: {args.num_prompts} requests at {args.request_rate} req/s")
-    return serve_bench.benchmark(_workload(args, base_url, model))
-
-
-def format_comparison(results: dict[str, dict[str, Any]]) -> str:
-    """Side by side summaries, one column per server."""
-    names = list(results)
-    lines = [f"{'':<34}" + "".join(f"{n:>20}" for n in names)]
-    for title, key, stat, fmt in _ROWS:
-        cells = []
-        for name in names:
-            value = results[name]["summary"][key]
-            value = value[stat] if stat else value
-            cells.append("-" if value is None else fmt.format(value))
-        lines.append(f"{title:<34}" + "".join(f"{c:>20}" for c in cells))
-    for name in names:
-        lines += [f"{name} error: {err}" for err in results[name]["summary"]["errors"]]
-    rule = "=" * len(lines[0])
-    return "\n".join([rule, *lines, rule])
-
-
-def run_peer_compare(args: argparse.Namespace) -> int:
-    serve_args = _validate(args)
-    hf_dir = args.hf_dir or default_hf_dir(args.model, args.dtype)
-    print(f"HF copy of {args.model} ({args.dtype}): {hf_dir}")
-    write_hf_copy(args.model, hf_dir, args.dtype)
-    log_path = hf_dir.with_name(hf_dir.name + "-serve.log")
-    peer_options = {"kv_cache_gb": args.peer_kv_cache_gb, "threads": args.peer_threads}
-    with PeerServer(hf_dir, args.dtype, log_path, **peer_options) as peer:
-        results = {PEER: measure(PEER, peer.base, peer.model, args)}
-    if "CB: False" in peer.log() or "CB: True" not in peer.log():
-        print(f"warning: transformers serve did not batch continuously; see {log_path}")
-    with ServerProcess("--model", args.model, "--dtype", args.dtype, *serve_args) as server:
-        results[OURS] = measure(OURS, server.base, args.model, args)
-    print(format_comparison(results))
-    totals = [r["summary"]["total_output_tokens"] for r in results.values()]
-    if totals[0] != totals[1]:
-        print(f"note: the servers generated {totals[0]} vs {totals[1]} tokens (EOS at other steps)")
-    if args.result_json:
-        out = {"hf_dir": str(hf_dir), "peer_log": str(log_path), "splitserve_args": serve_args}
-        args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps({**out, **results}, indent=2) + "\n")
-        print(f"wrote {args.result_json}")
-    return 0

@@ -129,8 +129,8 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from bench import (
-        hf_peer,
         overload_bench,
+        peer_compare,
         prefix_bench,
         serve_bench,
         serving,
@@ -165,9 +165,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
         (
             "peer",
-            "the same load on HF `transformers serve --continuous-batching` and on us",
-            hf_peer.add_peer_args,
-            hf_peer.run_peer_compare,
+            "the same load on a peer (HF `transformers serve`, vLLM CPU) and on us",
+            peer_compare.add_peer_args,
+            peer_compare.run_peer_compare,
         ),
         (
             "prefix",

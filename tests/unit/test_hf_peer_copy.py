@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_model import make_tiny_checkpoint, write_tiny_gguf
 
-from bench import hf_peer
+from bench import hf_peer, peer_compare
 from bench.hf_baseline import load_hf_model
 from engine import LLM, SamplingParams
 from engine.errors import InvalidRequestError
@@ -97,7 +97,7 @@ def test_kv_cache_blocks_fill_the_budget(copy):
 
 def _cli_args(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    hf_peer.add_peer_args(p)
+    peer_compare.add_peer_args(p)
     return p.parse_args(list(argv))
 
 
@@ -116,12 +116,12 @@ def _cli_args(*argv: str) -> argparse.Namespace:
 def test_bad_options_are_one_line_errors(argv, message, tmp_path):
     args = _cli_args("=".join(argv), "--hf-dir", str(tmp_path / "hf"))
     with pytest.raises(InvalidRequestError, match=message):
-        hf_peer.run_peer_compare(args)
+        peer_compare.run_peer_compare(args)
     assert not (tmp_path / "hf").exists()  # rejected before any work
 
 
 def test_splitserve_args_are_passed_through():
     args = _cli_args("--splitserve-args=--no-layerwise --max-num-seqs 8")
-    assert hf_peer._validate(args) == ["--no-layerwise", "--max-num-seqs", "8"]
+    assert peer_compare._validate(args) == [["--no-layerwise", "--max-num-seqs", "8"]]
     assert hf_peer.default_hf_dir("smollm2-135m", "bfloat16").name == "hf-smollm2-135m-bfloat16"
     assert hf_peer.default_hf_dir("/m/tiny.gguf", "float32").name == "hf-tiny-float32"
