@@ -1,5 +1,7 @@
 """Holds a decode worker's time per output token to a target by bounding its batch.
 
+    start: START_LANES lanes (slow start: a burst on a worker that has only seen light
+           load is let in as fast as the steps show room, not all at once)
     every decode-only step: (batch B, step ms) ──> step over the target: lanes = B - 1
                                                    step under 0.85 x target, B at the cap:
                                                    lanes + 1 (at most max_lanes)
@@ -18,19 +20,20 @@ from dataclasses import dataclass
 from engine.errors import InvalidRequestError
 
 GROW_BELOW = 0.85  # grow only with room to spare: step time is noisy on shared cores
+START_LANES = 4  # before any step has been seen at a larger batch
 
 
 @dataclass(slots=True)
 class TpotGovernor:
     target_ms: float
     max_lanes: int
-    lanes: int = 0  # 0: start at max_lanes
+    lanes: int = 0  # 0: start at START_LANES (or max_lanes, if smaller)
     smoothed_ms: float = 0.0  # EWMA of recent decode steps
 
     def __post_init__(self) -> None:
         if not self.target_ms > 0:
             raise InvalidRequestError(f"the TPOT target must be positive, got {self.target_ms}")
-        self.lanes = self.lanes or self.max_lanes
+        self.lanes = self.lanes or min(START_LANES, self.max_lanes)
 
     def observe(self, batch: int, step_ms: float) -> int:
         """A decode step of `batch` sequences took `step_ms`: the lanes to allow now."""

@@ -24,6 +24,18 @@ def test_lanes_settle_where_the_step_meets_the_target():
     assert step_ms(gov.lanes + 2) > 150.0 * 0.85  # not far below it either
 
 
+def test_a_burst_is_let_in_as_the_steps_show_room():
+    """A worker that has only seen light load does not hand a burst every lane at once: the
+    lanes open one a step while steps stay under the target, and stop where they meet it."""
+    gov = TpotGovernor(target_ms=150.0, max_lanes=64)
+    assert gov.lanes <= 4
+    opened = []
+    for _ in range(30):  # a burst: every lane is taken as soon as it opens
+        opened.append(gov.observe(gov.lanes, step_ms(gov.lanes)))
+    assert opened == sorted(opened) and opened[-1] < 64  # grew, one at a time, and stopped
+    assert step_ms(opened[-1]) <= 150.0
+
+
 def test_lanes_grow_back_when_steps_get_fast():
     gov = TpotGovernor(target_ms=150.0, max_lanes=16, lanes=2)
     for _ in range(50):
