@@ -102,6 +102,13 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
+def parse_peer_args(argv: list[str]) -> argparse.Namespace:
+    """`bench peer`'s options from `argv`, as the CLI parses them."""
+    p = argparse.ArgumentParser(prog="splitserve bench peer")
+    add_peer_args(p)
+    return p.parse_args(argv)
+
+
 def _serve_flags(text: str) -> list[str]:
     try:
         flags = shlex.split(text)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +43,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def timed_step(engine) -> dict[str, float]:
-    """One engine step, cut at its phases (the same calls LLMEngine.step makes)."""
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    out = engine.scheduler.schedule()
-    t1 = time.perf_counter()
-    batch = engine.runner.prepare(out)
-    t2 = time.perf_counter()
-    with torch.inference_mode():
-        hidden = engine.runner.model(
-            batch.input_ids, batch.positions, engine.runner.kv_cache, batch.meta
-        )
-        t3 = time.perf_counter()
-        rows = engine.runner._tensor(batch.sample_rows)
-        logits = engine.runner.model.compute_logits(hidden[rows])
-    t4 = time.perf_counter()
-    engine.scheduler.step_done(out)
-    engine._count(out)
-    seqs = [c.seq for c in batch.sample_chunks]
-    sampled = engine.sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
-    t5 = time.perf_counter()
-    now = time.perf_counter()
-    for seq, tok in zip(seqs, sampled, strict=True):
-        engine._append(engine._requests[seq.seq_id], tok, now)
-    t6 = time.perf_counter()
-    for name, a, b in zip(PHASES, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6), strict=True):
-        t[name] = (b - a) * 1000
-    t["total"] = (t6 - t0) * 1000
+    """One engine step, cut at its phases (the marks LLMEngine.step leaves in its stats)."""
+    engine.step()
+    marks = engine.stats.step_marks
+    t = {name: (b - a) * 1000 for name, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)}
+    t["total"] = (marks[-1] - marks[0]) * 1000
     return t
 
 

@@ -41,6 +41,9 @@ class EngineStats:
     preemptions: int = 0
     kv_slots_allocated: int = 0  # summed over steps
     kv_slots_filled: int = 0
+    # the last step's phase boundaries (perf_counter): schedule, prepare, forward, logits,
+    # sample, append (bench step reads them)
+    step_marks: tuple[float, ...] = ()
 
     @property
     def kv_waste(self) -> float:
@@ -217,21 +220,28 @@ class LLMEngine:
 
         `layer_hook(layer, chunks)` runs after each layer's KV is in the cache (KV streaming).
         """
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        start = time.perf_counter()
+        t1 = time.perf_counter()
         batch = self.runner.prepare(out)
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, batch.chunks))
-        logits = self.runner.execute(batch, hook)
+        t2 = time.perf_counter()
+        hidden = self.runner.forward(batch, hook)
+        t3 = time.perf_counter()
+        logits = self.runner.logits(batch, hidden)
+        t4 = time.perf_counter()
         self.scheduler.step_done(out)
-        self._govern(out, time.perf_counter() - start)
+        self._govern(out, t4 - t1)
         self._count(out)
         seqs = [c.seq for c in batch.sample_chunks]
         sampled = self.sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
-        now = time.perf_counter()
+        t5 = time.perf_counter()
         reqs = [self._requests[s.seq_id] for s in seqs]
-        return [self._append(req, tok, now) for req, tok in zip(reqs, sampled, strict=True)]
+        outputs = [self._append(req, tok, t5) for req, tok in zip(reqs, sampled, strict=True)]
+        self.stats.step_marks = (t0, t1, t2, t3, t4, t5, time.perf_counter())
+        return outputs
 
     def _govern(self, out, step_s: float) -> None:
         """Decode-only steps tell the TPOT governor how long a token takes at this batch."""

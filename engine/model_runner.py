@@ -97,9 +97,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch, layer_hook=None) -> torch.Tensor:
-        """Run the model; return logits [len(batch.sample_rows), V] (float32)."""
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta, layer_hook)
+    def forward(self, batch: StepBatch, layer_hook=None) -> torch.Tensor:
+        """Run the decoder layers; the hidden states [T, hidden]."""
+        return self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta, layer_hook)
+
+    @torch.inference_mode()
+    def logits(self, batch: StepBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [len(batch.sample_rows), V] (float32) of the rows that sample."""
         if not batch.sample_rows:
             return hidden.new_empty((0, self.config.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[self._tensor(batch.sample_rows)])

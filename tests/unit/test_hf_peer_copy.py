@@ -3,7 +3,6 @@ does (tiny checkpoint and tiny GGUF); the CLI's option checks."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -95,12 +94,6 @@ def test_kv_cache_blocks_fill_the_budget(copy):
     assert hf_peer.kv_cache_blocks(out, "float32", 1e-9) == 1
 
 
-def _cli_args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    peer_compare.add_peer_args(p)
-    return p.parse_args(list(argv))
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -114,14 +107,14 @@ def _cli_args(*argv: str) -> argparse.Namespace:
     ],
 )
 def test_bad_options_are_one_line_errors(argv, message, tmp_path):
-    args = _cli_args("=".join(argv), "--hf-dir", str(tmp_path / "hf"))
+    args = peer_compare.parse_peer_args(["=".join(argv), "--hf-dir", str(tmp_path / "hf")])
     with pytest.raises(InvalidRequestError, match=message):
         peer_compare.run_peer_compare(args)
     assert not (tmp_path / "hf").exists()  # rejected before any work
 
 
 def test_splitserve_args_are_passed_through():
-    args = _cli_args("--splitserve-args=--no-layerwise --max-num-seqs 8")
+    args = peer_compare.parse_peer_args(["--splitserve-args=--no-layerwise --max-num-seqs 8"])
     assert peer_compare._validate(args) == [["--no-layerwise", "--max-num-seqs", "8"]]
     assert hf_peer.default_hf_dir("smollm2-135m", "bfloat16").name == "hf-smollm2-135m-bfloat16"
     assert hf_peer.default_hf_dir("/m/tiny.gguf", "float32").name == "hf-tiny-float32"

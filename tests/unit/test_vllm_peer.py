@@ -4,7 +4,6 @@ fake vLLM server started and stopped as the real one would be."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -17,12 +16,6 @@ from engine.errors import InvalidRequestError
 from splitserve import cli
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    peer_compare.add_peer_args(p)
-    return p.parse_args(list(argv))
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -33,7 +26,7 @@ def _args(*argv: str) -> argparse.Namespace:
     ],
 )
 def test_bad_options_are_refused_before_any_work(argv, message, tmp_path):
-    args = _args(*argv, "--hf-dir", str(tmp_path / "hf"))
+    args = peer_compare.parse_peer_args([*argv, "--hf-dir", str(tmp_path / "hf")])
     with pytest.raises(InvalidRequestError, match=message):
         peer_compare.run_peer_compare(args)
     assert not (tmp_path / "hf").exists()
@@ -47,8 +40,8 @@ def test_cli_refuses_ignore_eos_with_transformers_in_one_line(capsys):
 
 def test_repeated_splitserve_args_are_columns():
     colocated = "--mode colocated --prefill 1 --decode 1"  # 2 workers, each doing both
-    args = _args(
-        "--peer", "vllm", "--ignore-eos", "--splitserve-args=", f"--splitserve-args={colocated}"
+    args = peer_compare.parse_peer_args(
+        ["--peer", "vllm", "--ignore-eos", "--splitserve-args=", f"--splitserve-args={colocated}"]
     )
     configs = peer_compare._validate(args)
     assert configs == [[], colocated.split()]
@@ -56,7 +49,9 @@ def test_repeated_splitserve_args_are_columns():
         "splitserve disaggregated",
         "splitserve colocated",
     ]
-    assert peer_compare._validate(_args()) == [[]]  # no flag: one column, the defaults
+    assert peer_compare._validate(peer_compare.parse_peer_args([])) == [
+        []
+    ]  # no flag: one column, the defaults
     assert peer_compare.column_names([[]]) == ["splitserve"]
     same_mode = [["--mode=colocated"], ["--mode", "colocated", "--max-num-seqs", "8"]]
     assert peer_compare.column_names(same_mode) == [
