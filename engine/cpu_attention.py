@@ -1,4 +1,4 @@
-"""Paged decode attention for float32 on CPU, reading K and V straight out of the pages.
+"""Paged decode attention for float32 and bfloat16 on CPU, reading K and V straight out of the pages.
 
 The torch path (engine.attention.paged_decode_attention) gathers each sequence's pages into
 a contiguous copy and runs SDPA on it: K and V are read twice and written once per layer.
@@ -26,6 +26,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # bf16 K/V are widened to fp32 row by row
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,31 +35,28 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  // q: [B, H, D] fp32; caches: [NB, BS, KVH, D] fp32; tables: [B, MB] int64; lens: [B] int64
-  q = q.contiguous();
-  auto tables = block_tables.to(torch::kLong).contiguous();
-  auto lens = context_lens.to(torch::kLong).contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), MB = tables.size(1);
+// One K or V row as fp32: a copy for bf16 (a shift per element), the row itself for fp32.
+static inline const float* row_f32(const float* src, int64_t, float*) { return src; }
+static inline const float* row_f32(const c10::BFloat16* src, int64_t D, float* buf) {
+  #pragma omp simd
+  for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(src[d]);
+  return buf;
+}
+
+template <typename T>
+void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t* tp,
+                       const int64_t* lp, float* op, int64_t B, int64_t H, int64_t D,
+                       int64_t BS, int64_t KVH, int64_t MB, float sc) {
   const int64_t G = H / KVH;
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s;
+    std::vector<float> s, buf(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, h = i % KVH, len = std::min(lp[b], MB * BS);
       s.assign(G * len, 0.f);
       const float* qb = qp + (b * H + h * G) * D;
       for (int64_t t = 0; t < len; ++t) {  // scores: each K row read once, for all G heads
-        const float* kr = kp + ((tp[b * MB + t / BS] * BS + t % BS) * KVH + h) * D;
+        const float* kr = row_f32(kp + ((tp[b * MB + t / BS] * BS + t % BS) * KVH + h) * D,
+                                  D, buf.data());
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qb + g * D;
           float acc = 0.f;
@@ -77,7 +76,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       float* ob = op + (b * H + h * G) * D;
       std::fill(ob, ob + G * D, 0.f);
       for (int64_t t = 0; t < len; ++t) {  // weighted V: each V row read once
-        const float* vr = vp + ((tp[b * MB + t / BS] * BS + t % BS) * KVH + h) * D;
+        const float* vr = row_f32(vp + ((tp[b * MB + t / BS] * BS + t % BS) * KVH + h) * D,
+                                  D, buf.data());
         for (int64_t g = 0; g < G; ++g) {
           const float w = s[g * len + t];
           float* og = ob + g * D;
@@ -87,7 +87,29 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       }
     }
   });
-  return out;
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  // q: [B, H, D]; caches: [NB, BS, KVH, D] fp32 or bf16; tables: [B, MB]; lens: [B]
+  // Scores, softmax and sums run in fp32; the result has q's dtype.
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto tables = block_tables.to(torch::kLong).contiguous();
+  auto lens = context_lens.to(torch::kLong).contiguous();
+  auto out = torch::empty_like(qf);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), MB = tables.size(1);
+  const float sc = static_cast<float>(scale);
+  if (k_cache.scalar_type() == torch::kBFloat16) {
+    paged_decode_impl(qf.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
+                      v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(),
+                      lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D, BS, KVH, MB, sc);
+  } else {
+    paged_decode_impl(qf.data_ptr<float>(), k_cache.data_ptr<float>(),
+                      v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
+                      lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D, BS, KVH, MB, sc);
+  }
+  return out.to(q.scalar_type());
 }
 """
 
@@ -124,16 +146,16 @@ def load() -> ModuleType | None:
 
 def warm(dtype: torch.dtype, device: torch.device) -> None:
     """Build or load the kernel now if this engine will use it."""
-    if dtype == torch.float32 and device.type == "cpu":
+    if dtype in KERNEL_DTYPES and device.type == "cpu":
         load()
 
 
 def applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """float32 on CPU with a contiguous cache: what the kernel handles."""
+    """float32 or bfloat16 on CPU with a contiguous cache: what the kernel handles."""
     return (
         q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and k_cache.dtype == torch.float32
+        and q.dtype == k_cache.dtype
+        and k_cache.dtype in KERNEL_DTYPES
         and k_cache.is_contiguous()
     )
 

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from engine.engine_config import EngineConfig
+from engine.engine_config import DTYPE_CHOICES, EngineConfig
 from router.access import API_KEY_ENV, GRACE_S, resolve_api_key
 from router.reliability_args import add_reliability_args, reliability_config
 
@@ -94,7 +94,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=DASHBOARD_PORT,
         help="Ray dashboard port of the local cluster (not with --address)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="auto (default): bfloat16 where the CPU or GPU computes it natively (AMX, "
+        "AVX512-BF16, a bf16 GPU), else float32",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)

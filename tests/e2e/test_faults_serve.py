@@ -46,7 +46,9 @@ def offline() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess("--prefill", "1", "--decode", "2", "--kv-cache-gb", "0.5") as srv:
+    with ServerProcess(
+        "--prefill", "1", "--decode", "2", "--kv-cache-gb", "0.5", "--dtype", "float32"
+    ) as srv:
         yield srv
 
 

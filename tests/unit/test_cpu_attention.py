@@ -50,5 +50,24 @@ def test_kernel_reads_a_strided_query_and_leaves_other_dtypes_to_torch():
     q = qk[:, :4]
     out = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.25)
     torch.testing.assert_close(out, _dense(q, k_cache, v_cache, tables, lens, 0.25))
-    half = (q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16())
+    half = (q.half(), k_cache.half(), v_cache.half())
     assert cpu_attention.paged_decode_attention_cpu(*half, tables, lens, 0.25) is None
+
+
+def test_bf16_kernel_equals_dense_fp32_attention_over_the_same_bf16_values():
+    """bf16 K/V are widened to fp32 and summed in fp32: the result is the fp32 attention of
+    the bf16 values, rounded once to bf16: within one bf16 step of it (the fp32 sums may round
+    the other way at a tie), and close to what the torch path gives."""
+    torch.manual_seed(7)
+    b, h, kvh, d, bs, nblocks = 4, 9, 3, 64, 16, 32
+    k_cache, v_cache = torch.randn(2, nblocks, bs, kvh, d).bfloat16().unbind(0)
+    tables = torch.stack([torch.randperm(nblocks)[:6] for _ in range(b)])
+    lens = torch.tensor([1, 17, 50, 96])
+    q = torch.randn(b, h, d).bfloat16()
+    out = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, d**-0.5)
+    assert out is not None and out.dtype == torch.bfloat16
+    as32 = (q.float(), k_cache.float(), v_cache.float())
+    expected = _dense(*as32, tables, lens, d**-0.5)
+    torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=2**-7)
+    torch_path = paged_decode_attention(q, k_cache, v_cache, tables, lens, d**-0.5)
+    torch.testing.assert_close(out.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
