@@ -31,7 +31,8 @@ PHASES = ("schedule", "prepare", "forward", "logits", "sample", "append")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--no-packed-gemm", action="store_true", help="F.linear, for an A/B")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -121,9 +122,14 @@ def format_result(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_num_seqs=max(args.batch_sizes),
+        packed_gemm=not args.no_packed_gemm,
+    )
     result = {
-        "machine": machine_info(args.dtype, torch.get_num_threads()),
+        "machine": machine_info(llm.engine.config.dtype, torch.get_num_threads()),
         "config": {k: str(v) for k, v in vars(args).items() if k != "func"},
         "batches": [profile_batch(llm.engine, b, args) for b in args.batch_sizes],
     }

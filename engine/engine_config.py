@@ -41,7 +41,7 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     max_tpot_ms: float | None = None  # decode: bound the batch to hold this TPOT (None: off)
-    packed_gemm: bool = True  # fp32 on CPU: a packed copy of the weights (engine.linear)
+    packed_gemm: bool = True  # CPU: a packed copy of the weights (engine.linear)
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":  # resolved once, where the config is made: every worker

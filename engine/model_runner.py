@@ -46,7 +46,7 @@ class ModelRunner:
         if config.tie_word_embeddings:  # to_empty() unties shared parameters
             model.lm_head.weight = model.model.embed_tokens.weight
         model.load_weights(state_dict)
-        if packed_gemm:  # fp32 on CPU: MKL's packed GEMM for decode-sized batches
+        if packed_gemm:  # CPU: MKL's (fp32) or oneDNN's (bf16) packed weights (engine.linear)
             pack_linears(model)
         self.model = model.eval()
         shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)

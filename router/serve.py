@@ -109,8 +109,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-packed-gemm",
         action="store_true",
-        help="float32 on CPU: skip the packed copy of the weights (saves their size in "
-        "memory per worker; decode steps of 5-64 sequences run slower)",
+        help="CPU: skip the packed copy of the weights (saves their size in memory per "
+        "worker; float32 decode steps of 5-64 sequences and every bfloat16 GEMM run slower)",
     )
     p.add_argument("--served-model-name", default=None)
     add_access_args(p)

@@ -36,10 +36,9 @@ CONFIGS = [("disaggregated", "grpc"), ("disaggregated", "collective"), ("colocat
 @pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}")
 def server(request):
     mode, transport = request.param
-    with ServerProcess(
-        "--mode", mode, "--kv-transport", transport, "--max-num-seqs", "64", "--kv-cache-gb", "0.5",
-        "--dtype", "float32",  # greedy equality with the offline engine is exact in fp32
-    ) as srv:
+    args = ["--mode", mode, "--kv-transport", transport, "--max-num-seqs", "64"]
+    # float32: greedy equality with the offline engine is exact there
+    with ServerProcess(*args, "--kv-cache-gb", "0.5", "--dtype", "float32") as srv:
         yield srv
 
 

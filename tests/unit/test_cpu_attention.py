@@ -26,7 +26,9 @@ def _dense(q, k_cache, v_cache, tables, lens, scale):
     return out
 
 
-@pytest.mark.parametrize(("h", "kvh", "d", "bs"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 1, 32, 8)])
+@pytest.mark.parametrize(
+    ("h", "kvh", "d", "bs"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 1, 32, 8), (8, 2, 128, 4)]
+)
 def test_kernel_equals_dense_attention(h, kvh, d, bs):
     torch.manual_seed(h * 100 + kvh)
     b, nblocks, width = 5, 64, 7
@@ -54,15 +56,16 @@ def test_kernel_reads_a_strided_query_and_leaves_other_dtypes_to_torch():
     assert cpu_attention.paged_decode_attention_cpu(*half, tables, lens, 0.25) is None
 
 
-def test_bf16_kernel_equals_dense_fp32_attention_over_the_same_bf16_values():
+@pytest.mark.parametrize(("h", "kvh", "d", "bs"), [(9, 3, 64, 16), (8, 2, 128, 4), (4, 4, 32, 8)])
+def test_bf16_kernel_equals_dense_fp32_attention_over_the_same_bf16_values(h, kvh, d, bs):
     """bf16 K/V are widened to fp32 and summed in fp32: the result is the fp32 attention of
     the bf16 values, rounded once to bf16: within one bf16 step of it (the fp32 sums may round
     the other way at a tie), and close to what the torch path gives."""
     torch.manual_seed(7)
-    b, h, kvh, d, bs, nblocks = 4, 9, 3, 64, 16, 32
+    b, nblocks, width = 4, 128, 24
     k_cache, v_cache = torch.randn(2, nblocks, bs, kvh, d).bfloat16().unbind(0)
-    tables = torch.stack([torch.randperm(nblocks)[:6] for _ in range(b)])
-    lens = torch.tensor([1, 17, 50, 96])
+    tables = torch.stack([torch.randperm(nblocks)[:width] for _ in range(b)])
+    lens = torch.tensor([1, 17, 50, width * bs])
     q = torch.randn(b, h, d).bfloat16()
     out = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, d**-0.5)
     assert out is not None and out.dtype == torch.bfloat16

@@ -29,10 +29,28 @@ def test_packed_forward_equals_f_linear(rows, bias):
     torch.testing.assert_close(layer(x3), F.linear(x3, layer.weight, layer.bias))
 
 
-def test_bfloat16_is_never_packed():
-    model = torch.nn.Sequential(Linear(8, 8), Linear(8, 8)).to(torch.bfloat16)
+needs_bf16 = pytest.mark.skipif(
+    not packing_available(torch.bfloat16, torch.device("cpu")), reason="no oneDNN bf16 here"
+)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 4, 32, 200])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_packed_forward_equals_f_linear_exactly(rows, bias):
+    torch.manual_seed(rows)
+    layer = Linear(96, 200, bias=bias).to(torch.bfloat16)
+    layer.pack()
+    assert layer.packed is not None
+    x = torch.randn(2, rows, 192, dtype=torch.bfloat16)[..., ::2]  # strided, leading dims
+    expected = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)
+
+
+def test_other_dtypes_are_never_packed():
+    model = torch.nn.Sequential(Linear(8, 8), Linear(8, 8)).to(torch.float16)
     assert pack_linears(model) == 0
-    x = torch.randn(8, 8, dtype=torch.bfloat16)
+    x = torch.randn(8, 8, dtype=torch.float16)
     torch.testing.assert_close(
         model(x),
         F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias),
