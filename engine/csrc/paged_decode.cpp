@@ -88,45 +88,7 @@ void paged_decode_impl(const float* qp, const T* kp, const T* vp, const int64_t*
 
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
-
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// r[i] = the sum of the 16 lanes of a[i], for i < 16.
-static inline __m512 hsum16x16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int k = 0; k < 8; ++k)
-    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]),
-                         _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
-  for (int k = 0; k < 4; ++k) {
-    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
-    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 f01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44),
-                                   _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
-  const __m512 f23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44),
-                                   _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, 0x88), _mm512_shuffle_f32x4(f01, f23, 0xDD));
-}
-
-// e^x for x <= 0 (a max-subtracted score): n = round(x / ln2), r = x - n ln2 (in two parts),
-// e^r by its degree-7 Taylor polynomial (|r| <= 0.35: error below 1 ulp), scaled by 2^n.
-static inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  const float coef[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-  for (float c : coef) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
+#include "vec512.h"
 
 // Element offsets of the K/V rows of tokens 0 .. ld-1 for KV head h (past len: the last row
 // again, so tiles of 16 need no tail code; those scores are never stored).
@@ -149,7 +111,6 @@ static inline void prefetch_row(const T* row) {
   for (int l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(row) + 64 * l, _MM_HINT_T0);
 }
 
-static inline __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1); }
 
 template <typename T, int NC>
 static void scores_avx512(const float* qb, const T* kp, const int64_t* off, int64_t len,

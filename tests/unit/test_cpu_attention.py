@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import cpu_attention
+from engine import cpu_attention, cpu_kernels
 from engine.attention import paged_decode_attention
 
 pytestmark = pytest.mark.skipif(
-    cpu_attention.load() is None, reason="no C++ compiler: the torch path serves"
+    cpu_kernels.load() is None, reason="no C++ compiler: the torch path serves"
 )
 
 

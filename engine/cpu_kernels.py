@@ -1,0 +1,76 @@
+"""splitserve's C++ CPU kernels (engine/csrc/*.cpp), built into one module per machine.
+
+    csrc/paged_decode.cpp   decode attention over the paged KV cache (engine.cpu_attention)
+    csrc/elementwise.cpp    fused SwiGLU (silu(gate) * up) for bf16 (engine.model)
+    csrc/vec512.h           the AVX-512 helpers they share
+    csrc/bindings.cpp       the Python module
+
+torch's cpp_extension builds them once (gcc, -O3 -march=native, OpenMP), cached under
+TORCH_EXTENSIONS_DIR by a name that carries a hash of this CPU's model and flags (a build
+for -march=native is only loaded on the kind of CPU it was built for: elsewhere it would
+crash on SIGILL) and of the sources (an edited source builds anew). `make setup` builds it;
+where it cannot be built (no compiler), `load()` says so once and callers take torch's ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("paged_decode.cpp", "elementwise.cpp", "bindings.cpp")
+_HEADERS = ("vec512.h",)
+
+
+def _cpu_tag() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:10]
+
+
+def _source_tag() -> str:
+    digest = hashlib.sha256()
+    for name in (*_SOURCES, *_HEADERS):
+        digest.update((CSRC / name).read_bytes())
+    return digest.hexdigest()[:8]
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The built module, or None (logged once) where it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build(
+            name=f"splitserve_cpu_kernels_{_cpu_tag()}_{_source_tag()}",
+            sources=[str(CSRC / name) for name in _SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja: the torch path serves
+        log.warning("splitserve: CPU kernels unavailable (%s); using torch's ops", exc)
+        return None
+
+
+def warm(device: torch.device) -> None:
+    """Build or load the kernels now (not in an engine step) where they will be used."""
+    if device.type == "cpu":
+        load()
+
+
+if __name__ == "__main__":  # `make setup` builds it once, so no worker waits for the compiler
+    logging.basicConfig(level=logging.INFO)
+    print("CPU kernels:", "built" if load() is not None else "unavailable (torch's ops serve)")
