@@ -33,6 +33,18 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): HF's residual add and the next norm. bf16 on
+        CPU: one fused pass (engine.cpu_kernels) that updates `residual` in place."""
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and residual.is_contiguous():
+            kernels = cpu_kernels.load()
+            if kernels is not None:
+                return kernels.add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = x + residual
+        return self(residual), residual
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
@@ -135,9 +147,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos_sin, kv_layer, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope_cos_sin, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope_cos_sin, kv_layer, meta):
+        """(the MLP's output, the residual stream before it is added): the add is left to
+        the next layer's norm (or the final one), which fuses it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope_cos_sin, kv_layer, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -168,11 +187,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         x = self.model.embed_tokens(input_ids)
         rope_cos_sin = self.rope(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope_cos_sin, kv_cache[i], meta)
+            x, residual = layer(x, residual, rope_cos_sin, kv_cache[i], meta)
             if layer_hook is not None:
                 layer_hook(i)
-        return self.model.norm(x)
+        assert residual is not None, "a model has at least one layer"
+        return self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> [N, V] float32

@@ -4,8 +4,15 @@
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+                           double eps);
 
+// Each kernel lets go of the GIL while it runs: a worker's asyncio and Ray threads (token
+// delivery, KV transfer) keep going during a step's attention, as they do during torch's ops.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention (csrc/paged_decode.cpp)");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of x = [T, 2I] (csrc/elementwise.cpp)");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_decode", &paged_decode, release(), "paged decode attention (paged_decode.cpp)");
+  m.def("add_rms_norm", &add_rms_norm, release(),
+        "residual += x (in place); the RMS norm of it, bf16 (elementwise.cpp)");
+  m.def("silu_and_mul", &silu_and_mul, release(), "silu(gate) * up of x = [T, 2I] (elementwise.cpp)");
 }

@@ -4,6 +4,11 @@
 // In fp32 and rounded once to x's dtype: one pass over x, where torch's silu, then mul, read
 // and write [T, I] tensors three times. Only bf16 takes it (engine.model): in fp32 the model
 // keeps torch's ops, so greedy output stays equal to HF's.
+//
+// add_rms_norm(x, residual, weight, eps), bf16: residual <- x + residual (rounded to bf16, as
+// torch's add rounds), and returns weight * bf16(residual / rms(residual)) with HF's two
+// roundings; one pass per row where torch runs eight ops. Only the fp32 sum of squares is
+// summed in another order than torch's mean, so a result can differ by one bf16 step.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -34,6 +39,67 @@ static void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t I) {
       o[i] = static_cast<T>(g / (1.f + std::exp(-g)) * static_cast<float>(up[i]));
     }
   }
+}
+
+static void add_rms_norm_rows(const c10::BFloat16* x, c10::BFloat16* res, const c10::BFloat16* w,
+                              c10::BFloat16* out, int64_t rows, int64_t H, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* xr = x + r * H;
+    c10::BFloat16* rr = res + r * H;
+    c10::BFloat16* orow = out + r * H;
+    float ss = 0.f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= H; i += 16) {
+      const __m512 sum = round_bf16(_mm512_add_ps(load16(xr + i), load16(rr + i)));
+      store16(rr + i, sum);
+      acc = _mm512_fmadd_ps(sum, sum, acc);
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < H; ++i) {
+      rr[i] = c10::BFloat16(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+      const float v = static_cast<float>(rr[i]);
+      ss += v * v;
+    }
+    const float rs = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    i = 0;
+#if defined(__AVX512F__)
+    const __m512 vrs = _mm512_set1_ps(rs);
+    for (; i + 16 <= H; i += 16) {
+      const __m512 normed = round_bf16(_mm512_mul_ps(load16(rr + i), vrs));
+      store16(orow + i, _mm512_mul_ps(load16(w + i), normed));
+    }
+#endif
+    for (; i < H; ++i) {
+      const float normed = static_cast<float>(c10::BFloat16(static_cast<float>(rr[i]) * rs));
+      orow[i] = c10::BFloat16(static_cast<float>(w[i]) * normed);
+    }
+  }
+}
+
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+                           double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16 &&
+                  weight.scalar_type() == at::kBFloat16,
+              "add_rms_norm: bfloat16");
+  TORCH_CHECK(residual.is_contiguous() && x.sizes() == residual.sizes(),
+              "add_rms_norm: residual must be contiguous and x's shape");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t H = x.size(-1), T = x.numel() / H;
+  auto out = torch::empty_like(residual);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  auto* rp = residual.data_ptr<c10::BFloat16>();
+  const auto* wp = weight.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    add_rms_norm_rows(xp + begin * H, rp + begin * H, wp, op + begin * H, end - begin, H, e);
+  });
+  return out;
 }
 
 torch::Tensor silu_and_mul(torch::Tensor x) {

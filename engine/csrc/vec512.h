@@ -43,16 +43,23 @@ static inline __m512 exp512(__m512 x) {
 }
 
 // 16 floats to bf16, rounded to nearest even, as c10::BFloat16(float) rounds (NaN aside).
-static inline void store16(c10::BFloat16* p, __m512 v) {
+static inline __m256i to_bf16(__m512 v) {
 #if defined(__AVX512BF16__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+  return (__m256i)_mm512_cvtneps_pbh(v);
 #else
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16));
 #endif
+}
+static inline __m512 from_bf16(__m256i raw) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// v rounded to bf16 and widened back: what a bf16 op's result holds.
+static inline __m512 round_bf16(__m512 v) { return from_bf16(to_bf16(v)); }
+static inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
 }
 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 

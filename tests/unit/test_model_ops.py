@@ -53,3 +53,22 @@ def test_float32_silu_and_mul_is_torchs_ops():
     gate_up = torch.randn(3, 64)
     expected = F.silu(gate_up[:, :32]) * gate_up[:, 32:]
     torch.testing.assert_close(silu_and_mul(gate_up), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_add_forward_is_hfs_residual_add_then_norm(dtype, rows):
+    torch.manual_seed(rows)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576) * 0.2 + 1)
+    x, residual = ((torch.randn(rows, 576) * 3).to(dtype) for _ in range(2))
+    summed = x + residual  # HF: hidden = residual + hidden, in the model's dtype
+    expected = _hf_rms_norm(summed, norm.weight, norm.eps)
+    out, new_residual = norm.add_forward(x, residual.clone())
+    torch.testing.assert_close(new_residual, summed, atol=0, rtol=0)
+    # bf16 fused: its fp32 sum of squares may round the other way: one bf16 step at most
+    tol = {"atol": 1e-6, "rtol": 2**-7} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out.float(), expected.float(), **tol)
+    if dtype == torch.bfloat16:  # and nearly always exactly
+        assert (out != expected).float().mean() < 0.01
