@@ -6,13 +6,14 @@
     prefill ── KV pages (gRPC or collective, tag checked) ──> written into those blocks
     prefill ── done(first token) ──> READY: the transfer lets go of the blocks (FREED) and
         the engine's sequence owns them ──> admitted at the next step (RUNNING)
-    every step: one token per running sequence ──> stream(id) yields deltas to the router
+    every step: one token per running sequence ──> the outbox: one batch of every request's
+        deltas per step, to the router's single outputs() stream (decode_worker.outbox)
     abort(id) / lease expiry / failed transfer / stream closed early ──> `_end`: on the
         engine thread, the transfer is released (its Push cancelled) and then the engine
         frees the blocks, so a block never has two owners
 
-In colocated mode the same worker takes whole requests (`generate`) and runs
-both phases with the same engine and scheduler.
+In colocated mode the same worker takes whole requests (`submit`) and runs
+both phases with the same engine and scheduler; their deltas go out the same way.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from decode_worker.outbox import Outbox
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop, TokenDelta
 from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
-from engine.threads import set_threads
+from engine.threads import engine_here, set_threads
 from kv_transfer.auth import new_secret, ticket_tag
 from kv_transfer.state import KVTransfer, TransferTable
 from kv_transfer.ticket import Ticket
@@ -43,12 +45,12 @@ class DecodeWorker:
     def __init__(self, name: str, config: EngineConfig, transport: TransportConfig | None = None):
         set_threads(config)
         self.name = name
-        self.engine = LLMEngine(config)
-        self.loop = EngineLoop(self.engine, name=f"{name}-loop")
+        self.loop = EngineLoop(lambda: engine_here(config), name=f"{name}-loop")
+        self.engine = self.loop.engine
         self.table = TransferTable()
         self.transport = transport or TransportConfig()
         self._secret = self.transport.secret or new_secret()
-        self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self.outbox = Outbox()
         self._aio: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task | None = None
         kv = self.engine.runner.kv_cache
@@ -84,10 +86,9 @@ class DecodeWorker:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Ticket | None:
         self._aio = asyncio.get_running_loop()
+        self.outbox.bind(self._aio)
         if self._reaper is None:
             self._reaper = self._aio.create_task(self._reap_forever())
-        aio = self._aio
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         tag = ticket_tag(self._secret, self.name, request_id, secrets.token_bytes(16))
 
         def reserve_on_loop(engine: LLMEngine) -> tuple[list[int], int] | None:
@@ -101,15 +102,13 @@ class DecodeWorker:
                 engine.abort(request_id)
                 raise
             # The router already streamed the first token (from prefill): skip it here.
-            sink = lambda d: aio.call_soon_threadsafe(queue.put_nowait, d)  # noqa: E731
-            self.loop.register_sink(request_id, sink, num_sent=1)
+            self.loop.register_sink(request_id, self.outbox.put, num_sent=1)
             return blocks, engine.scheduler.allocator.num_free
 
         reserved = await asyncio.wrap_future(self.loop.call(reserve_on_loop))
         if reserved is None:
             return None
         blocks, free = reserved
-        self._queues[request_id] = queue
         return Ticket(request_id, self.name, tuple(blocks), self.endpoint, free, tag)
 
     async def renew(self, request_ids: list[str]) -> list[str]:
@@ -151,23 +150,12 @@ class DecodeWorker:
     async def kv_leave(self, group: str) -> None:
         await asyncio.to_thread(self._receiver.leave, group)
 
-    async def stream(self, request_id: str) -> AsyncIterator[list[TokenDelta]]:
-        """Deltas of a reserved request, batched by what is ready at each wake-up."""
-        queue = self._queues.get(request_id)
-        if queue is None:
-            return
-        finished = False
-        try:
-            async for batch in _drain(queue):
-                finished = batch[-1].finish_reason is not None
-                yield batch
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._end(request_id)
+    async def outputs(self) -> AsyncIterator[list[TokenDelta]]:
+        """Every request's deltas, one batch per engine step (the router's one stream)."""
+        async for batch in self.outbox.batches():
+            yield batch
 
     async def abort(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
         self._end(request_id)
 
     async def reap_expired(self) -> int:
@@ -183,34 +171,14 @@ class DecodeWorker:
             await self.reap_expired()
 
     # ---- colocated path ---------------------------------------------------------------
-    async def generate(
+    async def submit(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[list[TokenDelta]]:
-        """Colocated mode: prefill and decode here; early exit aborts the request."""
-        aio = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
-        sink = lambda d: aio.call_soon_threadsafe(queue.put_nowait, d)  # noqa: E731
-        self.loop.submit(request_id, prompt_token_ids, params, sink)
-        finished = False
-        try:
-            async for batch in _drain(queue):
-                finished = batch[-1].finish_reason is not None
-                yield batch
-        finally:
-            if not finished:
-                self.loop.abort(request_id)
+    ) -> None:
+        """Colocated mode: prefill and decode here; deltas go out through `outputs()`.
+        A bad prompt raises here, to the caller."""
+        self.outbox.bind(asyncio.get_running_loop())
+        self.loop.submit(request_id, prompt_token_ids, params, self.outbox.put)
 
     def shutdown(self) -> None:
         self.loop.stop()
         self._receiver.close()
-
-
-async def _drain(queue: asyncio.Queue[TokenDelta]) -> AsyncIterator[list[TokenDelta]]:
-    """Yield everything queued at each wake-up, until a delta carries a finish reason."""
-    while True:
-        batch = [await queue.get()]
-        while not queue.empty():
-            batch.append(queue.get_nowait())
-        yield batch
-        if batch[-1].finish_reason is not None:
-            return

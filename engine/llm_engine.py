@@ -44,6 +44,7 @@ class EngineStats:
     # the last step's phase boundaries (perf_counter): schedule, prepare, forward, logits,
     # sample, append (bench step reads them)
     step_marks: tuple[float, ...] = ()
+    busy_s: float = 0.0  # time inside steps that ran a batch (steps / busy: the step rate)
 
     @property
     def kv_waste(self) -> float:
@@ -207,6 +208,7 @@ class LLMEngine:
             "kv_blocks_total": s.allocator.num_blocks,
             "preemptions": self.stats.preemptions,
             "steps": self.stats.steps,
+            "step_busy_ms": int(self.stats.busy_s * 1000),
             "prefix_hit_tokens": s.prefix_hit_tokens,
             "prefix_query_tokens": s.prefix_query_tokens,
         }
@@ -240,7 +242,8 @@ class LLMEngine:
         t5 = time.perf_counter()
         reqs = [self._requests[s.seq_id] for s in seqs]
         outputs = [self._append(req, tok, t5) for req, tok in zip(reqs, sampled, strict=True)]
-        self.stats.step_marks = (t0, t1, t2, t3, t4, t5, time.perf_counter())
+        self.stats.step_marks = marks = (t0, t1, t2, t3, t4, t5, time.perf_counter())
+        self.stats.busy_s += marks[-1] - t0
         return outputs
 
     def _govern(self, out, step_s: float) -> None:

@@ -24,7 +24,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
-from engine.threads import set_threads
+from engine.threads import engine_here, set_threads
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
 from kv_transfer.transport import TransportConfig, make_sender, node_address, peer_of
@@ -44,7 +44,13 @@ class PrefillWorker:
     ):
         set_threads(config)
         self.name = name
-        self.engine = LLMEngine(config)
+        self.loop = EngineLoop(
+            lambda: engine_here(config),  # made on the loop's thread (see EngineLoop)
+            name=f"{name}-loop",
+            layer_hook=self._on_layer,
+            prefill_only=True,
+        )
+        self.engine = self.loop.engine
         self.block_size = config.block_size
         self.layerwise = layerwise
         self.num_layers = self.engine.model_config.num_layers
@@ -53,9 +59,6 @@ class PrefillWorker:
         self._failed: dict[str, str] = {}  # request id -> why its transfer failed
         self.transport = transport or TransportConfig()
         self.sender = make_sender(self.transport, name)
-        self.loop = EngineLoop(
-            self.engine, name=f"{name}-loop", layer_hook=self._on_layer, prefill_only=True
-        )
 
     def info(self) -> dict[str, Any]:
         c = self.engine.model_config

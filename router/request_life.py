@@ -31,6 +31,7 @@ from engine.errors import UnavailableError
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
+from router.outputs import Item, outputs_of
 from router.placement import Role
 from router.reserve import reserve
 from router.router_state import Phase, Router, WorkerLost
@@ -137,19 +138,20 @@ class RequestLife:
         workers = await fleet.wait_routable(Role.COLOCATED, self.router.reserve_timeout_s)
         if not workers:
             raise UnavailableError("no worker is active; try again later")
-        self.decode = min(workers, key=lambda w: (w.in_flight, rng.random()))
-        fleet.enter(self.decode)
+        worker = self.decode = min(workers, key=lambda w: (w.in_flight, rng.random()))
+        fleet.enter(worker)
         self.phase = Phase.STREAMING
-        actor = self.decode.actor
-        stream = actor.generate.options(num_returns="streaming").remote(
-            self.attempt_rid, ids, params
-        )
-        async for delta in self._relay(stream, self.decode):
+        queue = outputs_of(worker).register(self.attempt_rid)
+        try:
+            await worker.actor.submit.remote(self.attempt_rid, ids, params)
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost.of(worker, "died at submit", exc) from None
+        async for delta in self._relay(queue, worker):
             yield delta
 
     async def _split(self, ids: list[int], params: SamplingParams, avoid: set[str]):
         decode, ticket = await reserve(self, ids, params, avoid)
-        stream = decode.actor.stream.options(num_returns="streaming").remote(self.attempt_rid)
+        queue = outputs_of(decode).register(self.attempt_rid)  # no await since reserve
         prefill = await self._pick_prefill(ids, avoid)
         self.phase = Phase.PREFILLING
         leases = self.router.leases
@@ -171,7 +173,7 @@ class RequestLife:
         self.phase = Phase.STREAMING
         logprobs = [first] if params.logprobs is not None else None
         yield TokenDelta(self.rid, [first.token_id], logprobs, None, len(ids), 1)
-        async for delta in self._relay(stream, decode):
+        async for delta in self._relay(queue, decode):
             yield delta
 
     async def _pick_prefill(self, ids: list[int], avoid: set[str]) -> Worker:
@@ -193,18 +195,20 @@ class RequestLife:
         router.fleet.enter(self.prefill, self._queued)
         return self.prefill
 
-    async def _relay(self, stream, worker: Worker) -> AsyncIterator[TokenDelta]:
-        """Flatten a worker's streamed batches of deltas; a worker that dies or ends the
-        request on its own (lease lost, engine error) is a lost worker, not the end."""
-        try:
-            async for ref in stream:
-                for delta in await ref:
-                    if delta.finish_reason in ("abort", "error"):
-                        dead = delta.finish_reason == "error"  # its engine loop died
-                        raise WorkerLost(worker, f"ended the request ({delta.finish_reason})", dead)
-                    yield delta
-        except ray.exceptions.RayActorError as exc:
-            raise WorkerLost.of(worker, "died while streaming", exc) from None
+    async def _relay(self, queue: asyncio.Queue[Item], worker: Worker) -> AsyncIterator[TokenDelta]:
+        """This attempt's deltas from the worker's output stream, to its finish reason; a
+        worker that dies or ends the request on its own (lease lost, engine error) is a lost
+        worker, not the end."""
+        while True:
+            item = await queue.get()
+            if isinstance(item, WorkerLost):
+                raise item
+            if item.finish_reason in ("abort", "error"):
+                dead = item.finish_reason == "error"  # its engine loop died
+                raise WorkerLost(worker, f"ended the request ({item.finish_reason})", dead)
+            yield item
+            if item.finish_reason is not None:
+                return
 
     # ---- the one cleanup -------------------------------------------------------------------
     def _drop(self, phase: Phase, dead: Worker | None = None) -> None:
@@ -213,6 +217,8 @@ class RequestLife:
         if self.phase in (Phase.FINISHED, Phase.ABORTED, Phase.FAILED):
             return
         self.phase = phase
+        if self.decode is not None:  # its output queue goes with the attempt
+            outputs_of(self.decode).unregister(self.attempt_rid)
         for worker, tokens in ((self.prefill, self._queued), (self.decode, 0)):
             if worker is None:
                 continue

@@ -40,6 +40,7 @@ class Worker:
     pid: int = 0  # the actor's process (for operators, and chaos tests)
     drained: asyncio.Event | None = None
     activating: asyncio.Task | None = None  # a replacement's start-up, in the background
+    outputs: Any = None  # router.outputs.WorkerOutputs: its token stream, once it has one
 
     def observe(self, snapshot: dict[str, int]) -> None:
         """Take in an engine snapshot (status()): load and KV use for /status and routing."""

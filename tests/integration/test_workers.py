@@ -49,7 +49,7 @@ def test_dead_decode_endpoint_fails_one_request_and_worker_goes_on(workers):
         ticket = await decode.reserve("ok", PROMPT, PARAMS)
         first = await prefill.prefill("ok", PROMPT, PARAMS, ticket)
         tokens = [first.token_id]
-        async for batch in decode.stream("ok"):
+        async for batch in _stream(decode, "ok"):
             tokens += [t for d in batch for t in d.token_ids]
         return tokens
 
@@ -65,12 +65,22 @@ def test_reservation_whose_pages_never_come_is_reclaimed(workers):
         assert ticket is not None and _used_now(decode) > 0
         decode.table.get("orphan").lease_deadline_s = 0.0  # the lease runs out
         reaped = await decode.reap_expired()
-        batches = [b async for b in decode.stream("orphan")]
+        batches = [b async for b in _stream(decode, "orphan")]
         assert batches[-1][-1].finish_reason == "abort"
         return reaped
 
     assert asyncio.run(asyncio.wait_for(run(), 30)) == 1
     assert _blocks_used(decode) == 0
+
+
+async def _stream(decode, request_id: str):
+    """`request_id`'s deltas out of the worker's one output stream, to its finish."""
+    async for batch in decode.outputs():
+        mine = [d for d in batch if d.request_id == request_id]
+        if mine:
+            yield mine
+            if mine[-1].finish_reason is not None:
+                return
 
 
 def _used_now(worker) -> int:

@@ -1,0 +1,75 @@
+"""Each worker's token stream into the router, fanned out to its requests.
+
+    worker.outputs()  (one Ray streaming call per worker, started at its first request)
+        ──> a batch of deltas per engine step ──> the queue of each delta's request
+    the stream fails (actor died or unreachable) ──> every waiting request gets WorkerLost
+        (and moves on: request_life migrates it); the next request starts a new stream
+
+One stream per worker instead of one per request: Ray's per-item cost (about 0.3 ms of
+CPU in the worker and 0.4 ms in the router, measured here) is paid once per engine step,
+not once per token of every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+
+from engine.engine_loop import TokenDelta
+from router.router_state import WorkerLost
+from router.workers import Worker
+
+log = logging.getLogger(__name__)
+
+Item = TokenDelta | WorkerLost
+
+
+class WorkerOutputs:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._queues: dict[str, asyncio.Queue[Item]] = {}
+        self._pump: asyncio.Task | None = None
+
+    def register(self, request_id: str) -> asyncio.Queue[Item]:
+        """The queue `request_id`'s deltas will come to; register before the worker can
+        make any (before submit, right after reserve)."""
+        aio = asyncio.get_running_loop()
+        pump = self._pump
+        if pump is None or pump.done() or pump.get_loop() is not aio:  # none, or a past loop's
+            self._queues = {}
+            self._pump = aio.create_task(self._run())
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def unregister(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _run(self) -> None:
+        worker = self.worker
+        try:
+            stream = worker.actor.outputs.options(num_returns="streaming").remote()
+            async for ref in stream:
+                for delta in await ref:
+                    queue = self._queues.get(delta.request_id)
+                    if queue is not None:  # else: an attempt the router already dropped
+                        queue.put_nowait(delta)
+            lost = WorkerLost(worker, "closed its output stream")
+        except ray.exceptions.RayActorError as exc:
+            lost = WorkerLost.of(worker, "died while streaming", exc)
+        except Exception as exc:  # noqa: BLE001 - the requests move on; logged once here
+            log.warning("output stream of %s failed", worker.name, exc_info=exc)
+            lost = WorkerLost(worker, f"output stream failed: {exc!r}")
+        if self._pump is asyncio.current_task():
+            self._pump = None
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            queue.put_nowait(lost)
+
+
+def outputs_of(worker: Worker) -> WorkerOutputs:
+    if worker.outputs is None:
+        worker.outputs = WorkerOutputs(worker)
+    return worker.outputs
