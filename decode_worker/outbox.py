@@ -14,6 +14,7 @@ one, which returns; deltas made while no one listens wait for the next listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 
@@ -43,10 +44,8 @@ class Outbox:
                 return
             self._woken = True
             aio = self._aio
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the next listener rebinds
             aio.call_soon_threadsafe(self._wake)
-        except RuntimeError:  # that loop is closed: the next listener binds its own
-            pass
 
     def _wake(self) -> None:
         with self._lock:
