@@ -45,5 +45,8 @@ def paged_decode_attention_cpu(
     kernel = cpu_kernels.load()
     if kernel is None:
         return None
-    with torch.profiler.record_function("splitserve::paged_decode_cpu"):  # named in profiles
+    if not torch.autograd.profiler._is_profiler_enabled:  # entering a record_function
+        return kernel.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    # costs ~70 us even with no profiler on (2 ms a step): named in profiles only
+    with torch.profiler.record_function("splitserve::paged_decode_cpu"):
         return kernel.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
