@@ -42,6 +42,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     max_tpot_ms: float | None = None  # decode: bound the batch to hold this TPOT (None: off)
     packed_gemm: bool = True  # CPU: a packed copy of the weights (engine.linear)
+    decode_graphs: str = "auto"  # engine.decode_graphs: auto (CUDA graphs on a GPU), off, pad
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":  # resolved once, where the config is made: every worker
@@ -57,6 +58,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive")
+        if self.decode_graphs not in ("auto", "off", "pad", "capture"):
+            raise InvalidRequestError(
+                f"unknown decode_graphs {self.decode_graphs!r}; choose auto, off, pad or capture"
+            )
         if self.max_tpot_ms is not None and not self.max_tpot_ms > 0:
             raise InvalidRequestError(f"max_tpot_ms must be positive, got {self.max_tpot_ms}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

@@ -99,6 +99,9 @@ class LLMEngine:
             config.torch_dtype,
             config.torch_device,
             config.packed_gemm,
+            config.decode_graphs,
+            config.max_num_seqs,
+            -(-self.max_model_len // config.block_size),
         )
         del state
         self.scheduler = Scheduler(

@@ -9,6 +9,8 @@ import torch
 from engine import cpu_kernels
 from engine.attention import AttentionMetadata, PrefillChunkMeta
 from engine.config import ModelConfig
+from engine.decode_graphs import DecodeGraphs
+from engine.errors import InvalidRequestError
 from engine.linear import pack_linears
 from engine.model import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -34,6 +36,9 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         packed_gemm: bool = True,
+        decode_graphs: str = "auto",
+        max_batch: int = 64,
+        max_blocks: int = 512,
     ):
         self.config = config
         self.block_size = block_size
@@ -55,6 +60,15 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.use_triton = self.device.type == "cuda"
         cpu_kernels.warm(self.device)  # built (or found built) now, not in a step
+        mode = decode_graphs
+        if mode == "auto":
+            mode = "capture" if self.device.type == "cuda" else "off"
+        self.graphs = None  # decode steps from CUDA graphs, or ("pad") their CPU twin
+        if mode == "capture" and self.device.type != "cuda":
+            raise InvalidRequestError("decode_graphs=capture needs a CUDA device")
+        if mode != "off":
+            capture = mode == "capture"
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture)
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)  # decodes first, stable
@@ -99,6 +113,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch, layer_hook=None) -> torch.Tensor:
         """Run the decoder layers; the hidden states [T, hidden]."""
+        rows = batch.input_ids.shape[0]
+        graphs = self.graphs
+        if graphs is not None and layer_hook is None and graphs.applies(batch.meta, rows):
+            return graphs.run(batch.input_ids, batch.positions, batch.meta)
         return self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta, layer_hook)
 
     @torch.inference_mode()
