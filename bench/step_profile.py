@@ -25,13 +25,14 @@ import torch
 from bench.roofline import machine_info
 from bench.workloads import random_prompts
 from engine import LLM, SamplingParams
+from engine.engine_config import DTYPE_CHOICES
 
 PHASES = ("schedule", "prepare", "forward", "logits", "sample", "append")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--no-packed-gemm", action="store_true", help="F.linear, for an A/B")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])

@@ -108,7 +108,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def _decode(q, k_cache, v_cache, tables, lens, scale: float, use_triton: bool) -> torch.Tensor:
     """The fastest decode attention that applies: Triton on CUDA, the C++ page-walking
-    kernel for float32 on CPU (engine.cpu_attention), else the torch gather + SDPA."""
+    kernel for float32 and bfloat16 on CPU (engine.cpu_attention), else the torch gather +
+    SDPA."""
     if use_triton:
         from engine.triton_attention import paged_decode_attention_triton
 

@@ -1,7 +1,7 @@
 """splitserve's C++ CPU kernels (engine/csrc/*.cpp), built into one module per machine.
 
     csrc/paged_decode.cpp   decode attention over the paged KV cache (engine.cpu_attention)
-    csrc/elementwise.cpp    fused SwiGLU (silu(gate) * up) for bf16 (engine.model)
+    csrc/elementwise.cpp    fused SwiGLU and residual add + RMSNorm, for bf16 (engine.model)
     csrc/vec512.h           the AVX-512 helpers they share
     csrc/bindings.cpp       the Python module
 

@@ -27,7 +27,6 @@ import torch
 from engine.attention import AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-MODES = ("auto", "off", "pad", "capture")  # auto: capture on CUDA, off elsewhere
 
 
 def buckets_for(max_batch: int) -> list[int]:

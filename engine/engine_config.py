@@ -11,6 +11,7 @@ from engine.scheduler import SchedulingPolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # what the CLI takes; auto: native_dtype()
+DECODE_GRAPHS = ("auto", "off", "pad", "capture")  # engine.decode_graphs; auto: capture on CUDA
 
 
 def native_dtype(device: str) -> str:
@@ -58,9 +59,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive")
-        if self.decode_graphs not in ("auto", "off", "pad", "capture"):
+        if self.decode_graphs not in DECODE_GRAPHS:
             raise InvalidRequestError(
-                f"unknown decode_graphs {self.decode_graphs!r}; choose auto, off, pad or capture"
+                f"unknown decode_graphs {self.decode_graphs!r}; choose {', '.join(DECODE_GRAPHS)}"
             )
         if self.max_tpot_ms is not None and not self.max_tpot_ms > 0:
             raise InvalidRequestError(f"max_tpot_ms must be positive, got {self.max_tpot_ms}")

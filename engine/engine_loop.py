@@ -59,14 +59,17 @@ class EngineLoop:
         self._sent: dict[str, int] = {}
         self._stopped = False
         self.error: BaseException | None = None
-        made: Future[LLMEngine] = Future()
+        made: Future[None] | None = None
         if isinstance(engine, LLMEngine):
-            made.set_result(engine)
+            self.engine = engine
+        else:
+            made = Future()
         self._thread = threading.Thread(
             target=self._run, args=(engine, made), name=name, daemon=True
         )
         self._thread.start()
-        self.engine: LLMEngine = made.result()  # raises what making it raised
+        if made is not None:
+            made.result()  # the engine is made (self.engine); raises what making it raised
 
     # ---- called from any thread ---------------------------------------------
     def submit(
@@ -137,16 +140,14 @@ class EngineLoop:
             self._cond.notify()
 
     # ---- the loop thread ---------------------------------------------------------
-    def _run(self, make: LLMEngine | Callable[[], LLMEngine], made: Future[LLMEngine]) -> None:
-        if not made.done():
+    def _run(self, make: LLMEngine | Callable[[], LLMEngine], made: Future[None] | None) -> None:
+        if made is not None:  # make the engine here, on the thread that steps it
             try:
                 self.engine = make()  # type: ignore[operator]
             except BaseException as exc:  # noqa: BLE001 - raised in the constructor
                 made.set_exception(exc)
                 return
-            made.set_result(self.engine)
-        else:
-            self.engine = made.result()
+            made.set_result(None)
         try:
             while True:
                 with self._cond:

@@ -112,9 +112,40 @@ static inline void prefetch_row(const T* row) {
 }
 
 
+// scale * (q . row) for the 16 rows of a tile: 16 dot products, summed across lanes at once.
+template <int NC, typename T>
+static inline __m512 tile_scores(const float* q, const T* const* rows, __m512 vsc) {
+  __m512 acc[16];
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bf16 K: q (a bf16 value widened, so exact in bf16 again) times K by vdpbf16ps, 32
+    // products an instruction, summed in fp32; the scale is applied to the sums.
+    __m512bh qv[NC / 2];
+    for (int c = 0; c < NC / 2; ++c)
+      qv[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 32 * c + 16), _mm512_loadu_ps(q + 32 * c));
+    for (int j = 0; j < 16; ++j) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < NC / 2; ++c)
+        a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
+      acc[j] = a;
+    }
+    return _mm512_mul_ps(hsum16x16(acc), vsc);
+  }
+#endif
+  __m512 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), vsc);
+  for (int j = 0; j < 16; ++j) {
+    __m512 a = _mm512_mul_ps(qv[0], load16(rows[j]));
+    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(rows[j] + 16 * c), a);
+    acc[j] = a;
+  }
+  return hsum16x16(acc);
+}
+
+// s[g, t] for every head g of the group and token t < len, 16 tokens at a time.
 template <typename T, int NC>
-static void scores_avx512(const float* qb, const T* kp, const int64_t* off, int64_t len,
-                          int64_t G, float sc, float* s, int64_t ld) {
+static void scores(const float* qb, const T* kp, const int64_t* off, int64_t len, int64_t G,
+                   float sc, float* s, int64_t ld) {
   constexpr int D = NC * 16;
   const __m512 vsc = _mm512_set1_ps(sc);
   const T* rows[16];
@@ -123,60 +154,9 @@ static void scores_avx512(const float* qb, const T* kp, const int64_t* off, int6
     for (int j = 0; j < 16; ++j) rows[j] = kp + off[t0 + j];
     if (t0 + 16 < len)
       for (int j = 0; j < 16; ++j) prefetch_row<T, D>(kp + off[std::min(t0 + 16 + j, len - 1)]);
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 qv[NC], acc[16];
-      for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qb + g * D + 16 * c), vsc);
-      for (int j = 0; j < 16; ++j) {
-        __m512 a = _mm512_mul_ps(qv[0], load16(rows[j]));
-        for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(rows[j] + 16 * c), a);
-        acc[j] = a;
-      }
-      _mm512_mask_storeu_ps(s + g * ld + t0, first(n), hsum16x16(acc));
-    }
+    for (int64_t g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(s + g * ld + t0, first(n), tile_scores<NC>(qb + g * D, rows, vsc));
   }
-}
-
-#if defined(__AVX512BF16__)
-// bf16 K: q (a bf16 value widened, so exact in bf16 again) times K by vdpbf16ps, 32 products
-// an instruction, summed in fp32; the scale is applied to the sums.
-template <int NC>
-static void scores_bf16(const float* qb, const c10::BFloat16* kp, const int64_t* off, int64_t len,
-                        int64_t G, float sc, float* s, int64_t ld) {
-  constexpr int D = NC * 16, NP = NC / 2;  // NP: 32-wide bf16 chunks of a row
-  const __m512 vsc = _mm512_set1_ps(sc);
-  const c10::BFloat16* rows[16];
-  for (int64_t t0 = 0; t0 < len; t0 += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
-    for (int j = 0; j < 16; ++j) rows[j] = kp + off[t0 + j];
-    if (t0 + 16 < len)
-      for (int j = 0; j < 16; ++j) prefetch_row<c10::BFloat16, D>(kp + off[std::min(t0 + 16 + j, len - 1)]);
-    for (int64_t g = 0; g < G; ++g) {
-      __m512bh qv[NP];
-      __m512 acc[16];
-      for (int c = 0; c < NP; ++c)
-        qv[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qb + g * D + 32 * c + 16),
-                                    _mm512_loadu_ps(qb + g * D + 32 * c));
-      for (int j = 0; j < 16; ++j) {
-        __m512 a = _mm512_setzero_ps();
-        for (int c = 0; c < NP; ++c)
-          a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(rows[j] + 32 * c));
-        acc[j] = a;
-      }
-      _mm512_mask_storeu_ps(s + g * ld + t0, first(n), _mm512_mul_ps(hsum16x16(acc), vsc));
-    }
-  }
-}
-#endif
-
-template <typename T, int NC>
-static inline void scores(const float* qb, const T* kp, const int64_t* off, int64_t len,
-                          int64_t G, float sc, float* s, int64_t ld) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return scores_bf16<NC>(qb, kp, off, len, G, sc, s, ld);
-  }
-#endif
-  scores_avx512<T, NC>(qb, kp, off, len, G, sc, s, ld);
 }
 
 // s[g, :len] <- exp(s - max); returns 1 / sum.
