@@ -128,8 +128,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,  # the caller wrote k and v to their slots (a fused kernel)
 ) -> torch.Tensor:  # [T, H, D]
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if not kv_written:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:

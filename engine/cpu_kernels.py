@@ -2,6 +2,8 @@
 
     csrc/paged_decode.cpp   decode attention over the paged KV cache (engine.cpu_attention)
     csrc/elementwise.cpp    fused SwiGLU and residual add + RMSNorm, for bf16 (engine.model)
+    csrc/rope_kv.cpp        rotary embedding and the KV-cache write in one pass, bf16 (engine.model)
+    csrc/amx_linear.cpp     bf16 linear layers on AMX tiles, for decode's row counts (engine.linear)
     csrc/vec512.h           the AVX-512 helpers they share
     csrc/bindings.cpp       the Python module
 
@@ -26,7 +28,13 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("paged_decode.cpp", "elementwise.cpp", "bindings.cpp")
+_SOURCES = (
+    "paged_decode.cpp",
+    "elementwise.cpp",
+    "amx_linear.cpp",
+    "rope_kv.cpp",
+    "bindings.cpp",
+)
 _HEADERS = ("vec512.h",)
 
 

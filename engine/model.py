@@ -104,15 +104,30 @@ class Attention(nn.Module):
 
     def forward(self, x, rope_cos_sin, kv_layer, meta: AttentionMetadata):
         # x: [T, hidden]; kv_layer: [2, blocks, block_size, KVH, D]
-        t = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rope(
-            qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope_cos_sin
-        )
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # q and k roped at once
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        t, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x)
+        kernels = _rope_kernels(qkv, kv_layer)
+        if kernels is not None:  # rope and the KV write in one pass, in place
+            cos, sin = rope_cos_sin
+            kernels.rope_write_kv(
+                qkv, cos, sin, kv_layer[0], kv_layer[1], meta.slot_mapping, h, kvh
+            )
+            q, k, v = qkv.view(t, h + 2 * kvh, self.head_dim).split([h, kvh, kvh], dim=1)
+            out = paged_attention(q, k, v, kv_layer[0], kv_layer[1], meta, self.scale, True)
+            return self.o_proj(out.reshape(t, -1))
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rope(qk.view(t, h + kvh, self.head_dim), *rope_cos_sin)
+        q, k = qk.split([h, kvh], dim=1)  # q and k roped at once
+        v = v.view(t, kvh, self.head_dim)
         out = paged_attention(q, k, v, kv_layer[0], kv_layer[1], meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
+
+
+def _rope_kernels(qkv: torch.Tensor, kv_layer: torch.Tensor):
+    """The CPU kernels where the fused rope + KV write applies (bf16 on CPU), else None."""
+    if qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or not kv_layer.is_contiguous():
+        return None
+    return cpu_kernels.load()
 
 
 class MLP(nn.Module):

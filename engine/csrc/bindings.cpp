@@ -6,6 +6,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
                            double eps);
+void rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                   torch::Tensor v_cache, torch::Tensor slots, int64_t H, int64_t KVH);
+bool amx_available();
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
 
 // Each kernel lets go of the GIL while it runs: a worker's asyncio and Ray threads (token
 // delivery, KV transfer) keep going during a step's attention, as they do during torch's ops.
@@ -14,5 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, release(), "paged decode attention (paged_decode.cpp)");
   m.def("add_rms_norm", &add_rms_norm, release(),
         "residual += x (in place); the RMS norm of it, bf16 (elementwise.cpp)");
+  m.def("rope_write_kv", &rope_write_kv, release(),
+        "rope q and k of qkv in place; k and v to their cache slots, bf16 (rope_kv.cpp)");
+  m.def("amx_available", &amx_available, "the CPU has AMX and the OS lets this process use it");
+  m.def("amx_linear", &amx_linear, release(), "x @ weight.T, weight packed in AMX tiles (amx_linear.cpp)");
   m.def("silu_and_mul", &silu_and_mul, release(), "silu(gate) * up of x = [T, 2I] (elementwise.cpp)");
 }

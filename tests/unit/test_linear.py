@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.linear import PACKED_MAX_ROWS, PACKED_MIN_ROWS, Linear, pack_linears, packing_available
+from engine.linear import (
+    AMX_MAX_ROWS,
+    PACKED_MAX_ROWS,
+    PACKED_MIN_ROWS,
+    Linear,
+    amx_usable,
+    pack_linears,
+    packing_available,
+)
 
 needs_mkl = pytest.mark.skipif(
     not packing_available(torch.float32, torch.device("cpu")), reason="torch built without MKL"
@@ -66,3 +74,31 @@ def test_a_repacked_weight_is_what_forward_uses():
     layer.pack()
     x = torch.randn(8, 16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+needs_amx = pytest.mark.skipif(
+    not amx_usable(torch.empty(32, 32, dtype=torch.bfloat16)), reason="no AMX on this CPU"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 64, AMX_MAX_ROWS, AMX_MAX_ROWS + 44])
+def test_amx_forward_is_the_fp32_product_rounded_once(rows):
+    """The AMX kernel sums exact bf16 products in fp32 and rounds once: within one bf16
+    rounding of the fp32 product, at every row count (tails of 16 and 32 rows included)."""
+    torch.manual_seed(rows)
+    layer = Linear(576, 960, bias=False).to(torch.bfloat16)
+    layer.pack()
+    assert layer.amx is not None
+    x = torch.randn(2, rows, 1152, dtype=torch.bfloat16)[..., ::2]  # strided, leading dims
+    expected = F.linear(x.float(), layer.weight.float())
+    got = layer(x)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-2)
+
+
+@needs_amx
+def test_amx_is_skipped_for_sides_not_multiple_of_32():
+    layer = Linear(96, 200).to(torch.bfloat16)
+    layer.pack()
+    assert layer.amx is None and layer.packed is not None

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import cpu_kernels
-from engine.model import RMSNorm, silu_and_mul
+from engine.attention import write_kv
+from engine.config import ModelConfig
+from engine.model import RMSNorm, RotaryEmbedding, apply_rope, silu_and_mul
 
 
 def _hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,3 +74,53 @@ def test_add_forward_is_hfs_residual_add_then_norm(dtype, rows):
     torch.testing.assert_close(out.float(), expected.float(), **tol)
     if dtype == torch.bfloat16:  # and nearly always exactly
         assert (out != expected).float().mean() < 0.01
+
+
+@pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ compiler: torch's ops serve")
+@pytest.mark.parametrize(("tokens", "head_dim"), [(1, 64), (37, 64), (100, 128), (3, 24)])
+def test_bf16_rope_and_kv_write_equal_torchs_ops(tokens, head_dim):
+    """The fused kernel ropes q and k exactly as apply_rope does (bf16, three roundings) and
+    writes k and v to exactly the slots write_kv does, touching no other slot."""
+    torch.manual_seed(tokens)
+    heads, kv_heads, blocks, block_size = 9, 3, 20, 16
+    rope = RotaryEmbedding(_rope_config(head_dim))
+    positions = torch.randint(0, 2048, (tokens,))
+    cos, sin = rope(positions, torch.bfloat16)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim) * 3).bfloat16()
+    slots = torch.randperm(blocks * block_size)[:tokens]
+    cache = torch.randn(2, blocks, block_size, kv_heads, head_dim).bfloat16()
+    expected_kv, fused_kv = cache.clone(), cache.clone()
+
+    view = qkv.view(tokens, heads + 2 * kv_heads, head_dim)
+    qk = apply_rope(view[:, : heads + kv_heads], cos, sin)
+    write_kv(expected_kv[0], expected_kv[1], qk[:, heads:], view[:, heads + kv_heads :], slots)
+
+    fused = qkv.clone()
+    cpu_kernels.load().rope_write_kv(
+        fused, cos, sin, fused_kv[0], fused_kv[1], slots, heads, kv_heads
+    )
+    fused = fused.view_as(view)
+    torch.testing.assert_close(fused[:, : heads + kv_heads], qk, atol=0, rtol=0)
+    torch.testing.assert_close(fused[:, heads + kv_heads :], view[:, heads + kv_heads :])
+    torch.testing.assert_close(fused_kv, expected_kv, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ compiler: torch's ops serve")
+def test_rope_kv_write_rejects_a_slot_outside_the_cache():
+    cache = torch.zeros(2, 4, 16, 1, 64).bfloat16()
+    qkv = torch.zeros(1, 3 * 64).bfloat16()
+    cos = torch.ones(1, 1, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.load().rope_write_kv(
+            qkv, cos, cos, cache[0], cache[1], torch.tensor([64]), 1, 1
+        )
+    assert not cache.any()
+
+
+def _rope_config(head_dim: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="llama", vocab_size=32, hidden_size=head_dim * 9, intermediate_size=64,
+        num_layers=1, num_heads=9, num_kv_heads=3, head_dim=head_dim, rms_norm_eps=1e-5,
+        rope_theta=100000.0, rope_scaling=None, max_position_embeddings=2048,
+        tie_word_embeddings=True, attention_bias=False,
+    )  # fmt: skip
