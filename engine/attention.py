@@ -132,8 +132,14 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, H, D]
     if not kv_written:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
     nd = meta.num_decodes
+    if nd and nd == q.shape[0]:  # decode only: the kernel's output is the result, no copy
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        return _decode(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+            meta.use_triton,
+        )  # fmt: skip
+    out = torch.empty_like(q)
     if nd:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         out[:nd] = _decode(

@@ -230,25 +230,56 @@ void paged_decode_dispatch(const float* qp, const T* kp, const T* vp, const int6
   paged_decode_impl<T, 0>(qp, kp, vp, tp, lp, op, B, H, D, BS, KVH, MB, sc);
 }
 
+// q [B, H, D] (any strides, fp32 or bf16) as a contiguous fp32 buffer, and a tensor's values
+// as int64: plain loops, where torch's .to() would be three dispatched ops a layer.
+template <typename T>
+static void widen(const T* src, const at::IntArrayRef& st, int64_t B, int64_t H, int64_t D,
+                  float* dst) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < D; ++d)
+        dst[(b * H + h) * D + d] = static_cast<float>(src[b * st[0] + h * st[1] + d * st[2]]);
+}
+
+static std::vector<int64_t> as_int64(const torch::Tensor& t) {
+  auto c = t.contiguous();
+  std::vector<int64_t> v(c.numel());
+  if (c.scalar_type() == torch::kInt) {
+    const int32_t* p = c.data_ptr<int32_t>();
+    std::copy(p, p + v.size(), v.begin());
+  } else {
+    c = c.to(torch::kLong);
+    std::copy(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + v.size(), v.begin());
+  }
+  return v;
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   // q: [B, H, D]; caches: [NB, BS, KVH, D] fp32 or bf16; tables: [B, MB]; lens: [B]
   // Scores, softmax and sums run in fp32; the result has q's dtype.
-  auto qf = q.to(torch::kFloat).contiguous();
-  auto tables = block_tables.to(torch::kLong).contiguous();
-  auto lens = context_lens.to(torch::kLong).contiguous();
-  auto out = torch::empty_like(qf);
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == k_cache.scalar_type(),
+              "paged_decode: q is [B, H, D] in the cache's dtype");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), MB = tables.size(1);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), MB = block_tables.size(1);
+  auto tables = block_tables.to(torch::kLong).contiguous();  // int64 already: no copy
+  const std::vector<int64_t> lens = as_int64(context_lens);
+  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
+  std::vector<float> qf(B * H * D), of(bf16 ? B * H * D : 0);  // of: fp32 sums of a bf16 out
+  auto out = torch::empty({B, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const float sc = static_cast<float>(scale);
-  if (k_cache.scalar_type() == torch::kBFloat16) {
-    paged_decode_dispatch(qf.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
-                      v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(),
-                      lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D, BS, KVH, MB, sc);
+  if (bf16) {
+    widen(q.data_ptr<c10::BFloat16>(), q.strides(), B, H, D, qf.data());
+    paged_decode_dispatch(qf.data(), k_cache.data_ptr<c10::BFloat16>(),
+                          v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(),
+                          lens.data(), of.data(), B, H, D, BS, KVH, MB, sc);
+    c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < B * H * D; ++i) o[i] = c10::BFloat16(of[i]);
   } else {
-    paged_decode_dispatch(qf.data_ptr<float>(), k_cache.data_ptr<float>(),
-                      v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
-                      lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D, BS, KVH, MB, sc);
+    widen(q.data_ptr<float>(), q.strides(), B, H, D, qf.data());
+    paged_decode_dispatch(qf.data(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                          tables.data_ptr<int64_t>(), lens.data(), out.data_ptr<float>(), B, H,
+                          D, BS, KVH, MB, sc);
   }
-  return out.to(q.scalar_type());
+  return out;
 }
