@@ -48,6 +48,7 @@ class DecodeWorker:
         self.loop = EngineLoop(lambda: engine_here(config), name=f"{name}-loop")
         self.engine = self.loop.engine
         self.table = TransferTable()
+        self.expired = 0  # reservations whose lease ran out before their pages landed
         self.transport = transport or TransportConfig()
         self._secret = self.transport.secret or new_secret()
         self.outbox = Outbox()
@@ -79,6 +80,7 @@ class DecodeWorker:
             "kv_transfers": len(self.table),
             "kv_streams_open": self._receiver.open_streams(),
             "kv_pushes_refused": self._receiver.refused,
+            "kv_transfers_expired": self.expired,
         }
 
     # ---- disaggregated path ---------------------------------------------------------
@@ -161,6 +163,7 @@ class DecodeWorker:
     async def reap_expired(self) -> int:
         """End reservations whose lease ran out before their pages landed."""
         expired = self.table.expire(time.monotonic())
+        self.expired += len(expired)
         for transfer in expired:
             self._end(transfer.request_id)
         return len(expired)

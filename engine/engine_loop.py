@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,8 @@ class TokenDelta:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far, including these
+    marks: dict[str, float] | None = None  # a sink's first delta: the worker's timing marks
+    trace: Any = None  # in the router: the request's router.trace.Trace (never sent)
 
 
 Sink = Callable[[TokenDelta], object]
@@ -57,6 +59,7 @@ class EngineLoop:
         self._commands: list[Callable[[], None]] = []
         self._sinks: dict[str, Sink] = {}
         self._sent: dict[str, int] = {}
+        self._unmarked: set[str] = set()  # sinks that have not had a delta yet
         self._stopped = False
         self.error: BaseException | None = None
         made: Future[None] | None = None
@@ -81,6 +84,7 @@ class EngineLoop:
         def add() -> None:
             self._sinks[request_id] = sink
             self._sent[request_id] = 0
+            self._unmarked.add(request_id)
             self.engine.add_request(request_id, ids, params, prefill_only=self.prefill_only)
 
         self._post(add)
@@ -115,6 +119,7 @@ class EngineLoop:
         """For requests added by `call` (KV computed elsewhere): where their tokens go."""
         self._sinks[request_id] = sink
         self._sent[request_id] = num_sent
+        self._unmarked.add(request_id)
 
     def land_remote(self, request_id: str, first: SampledToken) -> None:
         """A remote prefill's pages are all in: admit the request (decode worker)."""
@@ -182,15 +187,19 @@ class EngineLoop:
             len(out.prompt_token_ids),
             len(out.token_ids),
         )
+        if out.request_id in self._unmarked:  # its first delta: the worker's timing marks
+            self._unmarked.discard(out.request_id)
+            delta.marks = out.timings.wall_marks()
         self._sent[out.request_id] = len(out.token_ids)
         if out.finished:
+            self._unmarked.discard(out.request_id)
             del self._sinks[out.request_id], self._sent[out.request_id]
         sink(delta)
 
 
 async def stream(
     loop: EngineLoop, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-) -> AsyncIterator[TokenDelta]:
+) -> AsyncGenerator[TokenDelta, None]:
     """Yield a request's deltas; leaving the iteration early aborts the request."""
     aio = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenDelta] = asyncio.Queue()

@@ -182,7 +182,9 @@ class LLMEngine:
         if req is None:  # aborted meanwhile
             return None
         num_prompt = req.seq.num_tokens
-        out = self._append(req, first, time.perf_counter())
+        now = time.perf_counter()
+        req.output.timings.landed_s = now
+        out = self._append(req, first, now)
         if not out.finished:
             self.scheduler.kv_landed(request_id, num_prompt)
         return out
@@ -230,6 +232,7 @@ class LLMEngine:
         if out.is_empty:
             return []
         t1 = time.perf_counter()
+        self._mark_scheduled(out, t0)
         batch = self.runner.prepare(out)
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, batch.chunks))
         t2 = time.perf_counter()
@@ -248,6 +251,12 @@ class LLMEngine:
         self.stats.step_marks = marks = (t0, t1, t2, t3, t4, t5, time.perf_counter())
         self.stats.busy_s += marks[-1] - t0
         return outputs
+
+    def _mark_scheduled(self, out, now: float) -> None:
+        for chunk in out.chunks:
+            req = self._requests.get(chunk.seq.seq_id)
+            if req is not None and req.output.timings.scheduled_s is None:
+                req.output.timings.scheduled_s = now
 
     def _govern(self, out, step_s: float) -> None:
         """Decode-only steps tell the TPOT governor how long a token takes at this batch."""

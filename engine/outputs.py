@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from engine.sampler import SampledToken
@@ -9,10 +10,24 @@ from engine.sampler import SampledToken
 
 @dataclass(slots=True)
 class RequestTimings:
-    arrival_s: float
+    arrival_s: float  # time.perf_counter() values, like every field here
     first_token_s: float | None = None
     finished_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
+    scheduled_s: float | None = None  # first in a step (prefill, or decode once KV landed)
+    landed_s: float | None = None  # a remote prefill's pages all in (decode worker)
+
+    def wall_marks(self) -> dict[str, float]:
+        """The marks set so far as wall-clock (time.time()) seconds, for a request's trace
+        across processes (router.trace)."""
+        offset = time.time() - time.perf_counter()
+        marks = {
+            "arrival": self.arrival_s,
+            "scheduled": self.scheduled_s,
+            "first_token": self.first_token_s,
+            "landed": self.landed_s,
+        }
+        return {k: v + offset for k, v in marks.items() if v is not None}
 
     @property
     def ttft_s(self) -> float | None:

@@ -5,7 +5,7 @@ router ── prefill(id, prompt, params, ticket) ──> queued in the engine (
 each step: the batch's prompts (chunked when long) run layer by layer;
            after layer l: its pages go to the decode worker (sender thread, overlaps l+1)
 last chunk: first token sampled ──> done(first token) to the decode worker, await its ack
-ack ──> own KV released; first token returned to the router (TTFT)
+ack ──> own KV released; first token and the timing marks returned to the router (TTFT)
 a failed transfer (peer dead, lease gone, refused) ──> KVTransferError to the router
 abort(id) ──> PrefillAborted
 every exit: the transfer is aborted unless acked, and own KV released (the `finally`)
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from engine.engine_config import EngineConfig
@@ -32,6 +34,18 @@ from kv_transfer.transport import TransportConfig, make_sender, node_address, pe
 
 class PrefillAborted(SplitServeError):
     """The request was aborted (or its transfer failed) before its first token was sent."""
+
+
+@dataclass(slots=True)
+class Prefilled:
+    """What `prefill` returns: token 1, the request's timing marks here (wall clock:
+    received, scheduled, first_token, kv_first_sent, kv_done; router.trace) and the KV
+    moved for it."""
+
+    token: SampledToken
+    marks: dict[str, float]
+    kv_bytes: int = 0
+    kv_pages: int = 0  # one block of one layer (its K and V)
 
 
 class PrefillWorker:
@@ -56,6 +70,9 @@ class PrefillWorker:
         self.num_layers = self.engine.model_config.num_layers
         self._tickets: dict[str, Ticket] = {}
         self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
+        self._first_sent: dict[str, float] = {}  # when a request's first page went out
+        kv = self.engine.runner.kv_cache  # [layers, 2, blocks, block_size, KVH, D]
+        self._page_bytes = kv[0, :, 0].numel() * kv.element_size()
         self._failed: dict[str, str] = {}  # request id -> why its transfer failed
         self.transport = transport or TransportConfig()
         self.sender = make_sender(self.transport, name)
@@ -77,7 +94,8 @@ class PrefillWorker:
 
     async def prefill(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, ticket: Ticket
-    ) -> SampledToken:
+    ) -> Prefilled:
+        marks = {"received": time.time()}
         self._tickets[request_id] = ticket
         self._sent_upto[request_id] = 0
         self.sender.begin(request_id, peer_of(self.transport, ticket), ticket.tag)
@@ -85,6 +103,7 @@ class PrefillWorker:
         try:
             async for delta in stream(self.loop, request_id, prompt_token_ids, params):
                 first = delta
+                marks.update(delta.marks or {})
             if request_id in self._failed:
                 raise KVTransferError(self._failed[request_id])
             if first is None or not first.token_ids:
@@ -93,16 +112,22 @@ class PrefillWorker:
             if first.logprobs:
                 token = first.logprobs[0]
             if not self.layerwise:  # baseline: every page after the whole prefill
+                self._first_sent[request_id] = time.time()
                 await asyncio.to_thread(self._send_all, request_id)
             await asyncio.to_thread(
                 self.sender.finish, request_id, token.token_id, len(prompt_token_ids)
             )
-            return token
+            marks["kv_done"] = time.time()
+            if request_id in self._first_sent:
+                marks["kv_first_sent"] = self._first_sent[request_id]
+            pages = len(ticket.block_ids) * self.num_layers
+            return Prefilled(token, marks, pages * self._page_bytes, pages)
         finally:
             self.sender.abort(request_id)  # a no-op once acked; else the decode side frees
             self._tickets.pop(request_id, None)
             self._sent_upto.pop(request_id, None)
             self._failed.pop(request_id, None)
+            self._first_sent.pop(request_id, None)
             self.loop.call(lambda e: e.release(request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -122,6 +147,7 @@ class PrefillWorker:
             end_block = -(-(chunk.start + chunk.num_tokens) // bs)
             src = chunk.seq.blocks.block_ids[first_block:end_block]
             dst = ticket.block_ids[first_block:end_block]
+            self._first_sent.setdefault(rid, time.time())
             try:
                 self.sender.send_layer(rid, self.engine.runner.kv_cache, layer, src, dst)
             except KVTransferError as error:  # this request's peer failed: end it, not the worker

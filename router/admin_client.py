@@ -1,4 +1,5 @@
-"""`splitserve status` and `splitserve scale`: the client side of /status and /admin/scale.
+"""`splitserve status` and `splitserve scale`: the client side of /status and /admin/scale
+(and of /metrics, for `splitserve top`).
 
 Python: `scale("http://127.0.0.1:8000", prefill=2, decode=2)` returns the new pool sizes;
 a running server answers once new workers are active and removed ones have drained.
@@ -26,13 +27,18 @@ def _call(
     api_key: str | None = None,
 ) -> Any:
     data = None if body is None else json.dumps(body).encode()
+    return json.loads(_fetch(url, data, timeout_s, api_key))
+
+
+def _fetch(url: str, data: bytes | None, timeout_s: float, api_key: str | None) -> bytes:
+    """The body of a GET (or a POST of `data`); SplitServeError in one line on failure."""
     headers = {"Content-Type": "application/json"}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return json.load(resp)
+            return resp.read()
     except urllib.error.HTTPError as exc:  # the server's OpenAI error body, in one line
         try:
             message = json.load(exc)["error"]["message"]
@@ -66,6 +72,12 @@ def scale(
 
 def status(url: str, api_key: str | None = None) -> dict[str, Any]:
     return _call(url.rstrip("/") + "/status", api_key=api_key)
+
+
+def metrics_text(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The server's GET /metrics, Prometheus text (open; the key is sent when given, for a
+    proxy in front that may want it)."""
+    return _fetch(url.rstrip("/") + "/metrics", None, timeout_s, api_key).decode()
 
 
 def run_scale(args: argparse.Namespace) -> int:

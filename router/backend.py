@@ -10,7 +10,9 @@ one engine in-process (tests of the front ends, and the simplest deployment).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any, Protocol
 
 from engine.engine_loop import EngineLoop, TokenDelta, stream
@@ -18,6 +20,9 @@ from engine.errors import check_prompt
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from router.trace import Trace
+
+LOCAL_WORKER = "local-0"
 
 
 class Backend(Protocol):
@@ -50,14 +55,20 @@ class LocalBackend:
         self.max_model_len = loop.engine.max_model_len
         self.vocab_size = loop.engine.model_config.vocab_size
 
-    def generate(
+    async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
-        return stream(self.loop, request_id, prompt_token_ids, params)
+        trace = Trace(request_id, "colocated", engine=LOCAL_WORKER)
+        trace.mark("routed", time.time())
+        async with aclosing(stream(self.loop, request_id, prompt_token_ids, params)) as deltas:
+            async for delta in deltas:
+                trace.merge("w", delta.marks)
+                delta.trace = trace
+                yield delta
 
     async def status(self) -> dict[str, Any]:
         snapshot = await asyncio.wrap_future(self.loop.call(LLMEngine.snapshot))
-        worker = {"name": "local-0", "role": "colocated", **snapshot}
+        worker = {"name": LOCAL_WORKER, "role": "colocated", "state": "active", **snapshot}
         return {"model": self.model_name, "mode": "local", "workers": [worker]}
 
     async def healthy(self) -> bool:

@@ -129,6 +129,7 @@ async def stream_text(
                 reason = "stop" if assembler.stopped else reason
             logprobs = delta.logprobs[: len(ids)] if delta.logprobs is not None else None
             if tracker is not None:
+                tracker.on_trace(delta.trace)
                 tracker.on_tokens(len(ids))
             yield TextDelta(text, ids, logprobs, reason, len(prompt_ids), num_out)
             if reason is not None:

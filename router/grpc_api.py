@@ -85,7 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(code, details)
         finally:
             n_in, n_out = (last.num_prompt_tokens, last.num_output_tokens) if last else (0, 0)
-            tracker.finish(status, n_in, n_out)
+            tracker.finish(status, n_in, n_out, last.finish_reason if last else None)
 
     def _check(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the engine params; raises on anything out of bounds."""
@@ -207,7 +207,8 @@ def create_grpc_server(
     """A bound, not yet started server (`await server.start()`); call inside the serving loop.
     `interceptors` run before every call (access control); `credentials`: TLS."""
     server = grpc.aio.server(interceptors=list(interceptors))
-    _add_generation(GenerationServicer(backend, metrics or RouterMetrics()), server)
+    metrics = metrics or RouterMetrics(backend.model_name)
+    _add_generation(GenerationServicer(backend, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(BackendHealth(backend), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,8 +1,16 @@
-"""The router's Prometheus metrics, in a registry of its own (several apps can live in one process).
+"""The router's Prometheus metrics under vLLM's names (and `splitserve:` ones where vLLM has
+none), in a registry of its own (several apps can live in one process).
 
-tracker = metrics.track("/v1/completions")   # in-flight +1, clock starts
-tracker.on_tokens(n)                          # TTFT on the first, ITL between later ones
-tracker.finish("200", prompt_tokens, completion_tokens)   # E2E, TPOT, counters, in-flight -1
+    tracker = metrics.track("/v1/completions")   # in-flight +1, the clock starts
+    tracker.on_trace(trace)                       # the request's hop marks (router.trace)
+    tracker.on_tokens(n)                          # TTFT on the first, ITL between later ones
+    tracker.finish("200", prompt_tokens, completion_tokens, "stop")
+
+Names, types, buckets and labels follow vLLM 0.32's v1 metrics (vllm/v1/metrics/loggers.py
+and buckets.py): `model_name` and `engine` on every series; `engine` is the worker that
+served the request (vLLM's engine index). The per-worker gauges (running, waiting, KV use)
+come from the workers' own snapshots: router.fleet_metrics. README's metrics table maps
+each name to vLLM's.
 """
 
 from __future__ import annotations
@@ -12,56 +20,111 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+from router.fleet_metrics import FleetCollector
+from router.trace import Trace, TraceStore
+
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+HOP_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                 10.0)  # fmt: skip
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+NO_ENGINE = "router"  # the engine label of a request no worker served
+
+_REQ = ("model_name", "engine")
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...], r: CollectorRegistry, labels=_REQ):
+    return Histogram(name, doc, list(labels), buckets=buckets, registry=r)
 
 
 class RouterMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+    def __init__(self, model_name: str = "", registry: CollectorRegistry | None = None):
+        self.model_name = model_name
+        self.registry = r = registry or CollectorRegistry()
+        self.traces = TraceStore()
         self.requests = Counter(
-            "splitserve_requests",
-            "Finished requests by endpoint and status (HTTP code or gRPC status name)",
-            ["endpoint", "status"],
-            registry=r,
-        )
+            "splitserve:requests", "Finished requests by endpoint and status (HTTP code or "
+            "gRPC status name)", ["endpoint", "status"], registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge(
-            "splitserve_requests_in_flight", "Requests being served", ["endpoint"], registry=r
+            "splitserve:requests_in_flight", "Requests being served", ["endpoint"], registry=r
         )
         self.prompt_tokens = Counter(
-            "splitserve_prompt_tokens", "Prompt tokens of served requests", registry=r
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", list(_REQ), registry=r
         )
         self.generation_tokens = Counter(
-            "splitserve_generation_tokens", "Tokens generated for clients", registry=r
-        )
-        self.ttft_s = Histogram(
-            "splitserve_time_to_first_token_seconds",
-            "Arrival to first token",
-            buckets=_LATENCY_BUCKETS_S,
+            "vllm:generation_tokens", "Number of generation tokens processed.", list(_REQ),
             registry=r,
+        )  # fmt: skip
+        self.success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.",
+            [*_REQ, "finished_reason"], registry=r,
+        )  # fmt: skip
+        self.ttft_s = _histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS_S, r,
+        )  # fmt: skip
+        self.itl_s = _histogram(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+            ITL_BUCKETS_S, r,
+        )  # fmt: skip
+        self.tpot_s = _histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS_S, r,
+        )  # fmt: skip
+        self.e2e_s = _histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+            REQUEST_BUCKETS_S, r,
+        )  # fmt: skip
+        self.phase_s = {
+            phase: _histogram(f"vllm:request_{phase}_time_seconds", doc, REQUEST_BUCKETS_S, r)
+            for phase, doc in (
+                ("queue", "Histogram of time from arrival to first scheduled on a worker."),
+                ("prefill", "Histogram of time spent in PREFILL phase for request."),
+                ("decode", "Histogram of time spent in DECODE phase for request."),
+                ("inference", "Histogram of time spent in RUNNING phase for request."),
+            )
+        }
+        self._add_kv_metrics(r)
+        self._status: dict = {}
+        r.register(FleetCollector(model_name, self._workers, self._recovery))
+
+    def observe_status(self, report: dict) -> None:
+        """The backend's /status report: the per-worker series come from its snapshots."""
+        self._status = report
+
+    def _workers(self) -> list[dict]:
+        return list(self._status.get("workers", []))
+
+    def _recovery(self) -> dict:
+        return dict(self._status.get("recovery", {}))
+
+    def _add_kv_metrics(self, r: CollectorRegistry) -> None:
+        model = ("model_name",)
+        self.kv_transfer_s = _histogram(
+            "splitserve:kv_transfer_seconds", "KV transfer per request: first page sent to "
+            "last page landed on the decode worker.", HOP_BUCKETS_S, r, model,
+        )  # fmt: skip
+        self.kv_bytes = Counter(
+            "splitserve:kv_transfer_bytes", "KV bytes moved prefill -> decode", model, registry=r
         )
-        self.itl_s = Histogram(
-            "splitserve_inter_token_latency_seconds",
-            "Time between consecutive token deliveries (a delivery of k tokens counts k-1 zeros)",
-            buckets=_TOKEN_BUCKETS_S,
-            registry=r,
+        self.kv_pages = Counter(
+            "splitserve:kv_transfer_pages", "KV pages (block x layer) moved", model, registry=r
         )
-        self.tpot_s = Histogram(
-            "splitserve_time_per_output_token_seconds",
-            "Per request: (last token - first token) / (output tokens - 1)",
-            buckets=_TOKEN_BUCKETS_S,
-            registry=r,
-        )
-        self.e2e_s = Histogram(
-            "splitserve_e2e_request_latency_seconds",
-            "Arrival to the last byte",
-            buckets=_E2E_BUCKETS_S,
-            registry=r,
-        )
+        self.reservation_s = _histogram(
+            "splitserve:reservation_wait_seconds", "Waiting for KV room on a decode worker",
+            HOP_BUCKETS_S, r, model,
+        )  # fmt: skip
+        self.landed_to_admit_s = _histogram(
+            "splitserve:kv_landed_to_admit_seconds", "All pages landed to admitted to a "
+            "decode step", HOP_BUCKETS_S, r, model,
+        )  # fmt: skip
 
     def track(self, endpoint: str) -> RequestTracker:
         return RequestTracker(self, endpoint)
@@ -76,38 +139,89 @@ class RequestTracker:
 
     def __init__(self, metrics: RouterMetrics, endpoint: str):
         self._m, self._endpoint = metrics, endpoint
-        self._arrival_s = time.perf_counter()
+        self._arrival_s = time.time()
         self._first_s: float | None = None
         self._last_s: float | None = None
         self._num_tokens = 0
         self._done = False
+        self.trace: Trace | None = None
         metrics.in_flight.labels(endpoint).inc()
+
+    def on_trace(self, trace: Trace | None) -> None:
+        """The backend's hop marks for this request (router.trace), once it has them."""
+        if trace is not None and self.trace is None:
+            self.trace = trace
+            trace.mark("arrival", self._arrival_s)
+
+    def _labels(self) -> tuple[str, str]:
+        engine = self.trace.engine if self.trace is not None and self.trace.engine else NO_ENGINE
+        return self._m.model_name, engine
 
     def on_tokens(self, n: int) -> None:
         if n <= 0:
             return
-        now = time.perf_counter()
+        now = time.time()
+        itl = self._m.itl_s.labels(*self._labels())
         if self._last_s is None:
             self._first_s = now
-            self._m.ttft_s.observe(now - self._arrival_s)
-            n -= 1
+            self._m.ttft_s.labels(*self._labels()).observe(now - self._arrival_s)
+            if self.trace is not None:
+                self.trace.mark("first_token", now)
         else:
-            self._m.itl_s.observe(now - self._last_s)
-            n -= 1
-        for _ in range(n):  # tokens that arrived together
-            self._m.itl_s.observe(0.0)
+            itl.observe(now - self._last_s)
+        for _ in range(n - 1):  # tokens that arrived together
+            itl.observe(0.0)
         self._last_s = now
-        self._num_tokens += n + 1
+        self._num_tokens += n
 
-    def finish(self, status: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def finish(
+        self,
+        status: str,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        finish_reason: str | None = None,
+    ) -> None:
         if self._done:
             return
         self._done = True
-        m = self._m
+        m, now = self._m, time.time()
+        labels = self._labels()
         m.in_flight.labels(self._endpoint).dec()
         m.requests.labels(self._endpoint, status).inc()
-        m.e2e_s.observe(time.perf_counter() - self._arrival_s)
-        m.prompt_tokens.inc(prompt_tokens)
-        m.generation_tokens.inc(completion_tokens)
+        m.e2e_s.labels(*labels).observe(now - self._arrival_s)
+        m.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        m.generation_tokens.labels(*labels).inc(completion_tokens)
+        reason = finish_reason if status in ("200", "OK") else _reason_of(status)
+        if reason in FINISHED_REASONS:
+            m.success.labels(*labels, reason).inc()
         if self._first_s is not None and self._last_s is not None and self._num_tokens > 1:
-            m.tpot_s.observe((self._last_s - self._first_s) / (self._num_tokens - 1))
+            tpot = (self._last_s - self._first_s) / (self._num_tokens - 1)
+            m.tpot_s.labels(*labels).observe(tpot)
+        if self.trace is not None:
+            self.trace.mark("finished", now)
+            self._observe_trace(self.trace, labels)
+            m.traces.put(self.trace)
+
+    def _observe_trace(self, trace: Trace, labels: tuple[str, str]) -> None:
+        m = self._m
+        for phase, seconds in trace.phases().items():
+            m.phase_s[phase].labels(*labels).observe(seconds)
+        model = m.model_name
+        spans = trace.spans()
+        if "reservation" in spans:
+            m.reservation_s.labels(model).observe(spans["reservation"])
+        if "kv_transfer" in spans:
+            m.kv_transfer_s.labels(model).observe(spans["kv_transfer"])
+            m.kv_bytes.labels(model).inc(trace.kv_bytes)
+            m.kv_pages.labels(model).inc(trace.kv_pages)
+        if "decode_queue" in spans:
+            m.landed_to_admit_s.labels(model).observe(spans["decode_queue"])
+
+
+def _reason_of(status: str) -> str | None:
+    """vLLM's finished_reason of a request that did not end with 200 / OK."""
+    if status in ("499", "CANCELLED", "408", "DEADLINE_EXCEEDED"):
+        return "abort"
+    if status.startswith("5") or status in ("INTERNAL", "UNAVAILABLE"):
+        return "error"
+    return None  # refused before it started (4xx): not a processed request

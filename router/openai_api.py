@@ -56,7 +56,7 @@ _COMPLETIONS, _CHAT = "/v1/completions", "/v1/chat/completions"
 
 
 def create_app(backend: Backend, metrics: RouterMetrics | None = None) -> FastAPI:
-    metrics = metrics or RouterMetrics()
+    metrics = metrics or RouterMetrics(backend.model_name)
     app = FastAPI(title="splitserve", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.backend, app.state.metrics = backend, metrics
     app.state.limits = lim.RequestLimits()
@@ -101,7 +101,22 @@ def create_app(backend: Backend, metrics: RouterMetrics | None = None) -> FastAP
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        try:  # the per-worker series come from the workers' snapshots, read now
+            metrics.observe_status(await backend.status())
+        except Exception as exc:  # noqa: BLE001 - a scrape still gets the router's series
+            log.warning("metrics: no worker snapshot this scrape: %r", exc)
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/debug/trace/{request_id}")
+    async def trace(request_id: str) -> Response:
+        """One finished request's hop-by-hop timeline (router.trace); behind the API key."""
+        found = metrics.traces.get(request_id)
+        if found is None:
+            err = APIError(404, f"no trace for request {request_id!r} (only the last "
+                           f"{metrics.traces.capacity} finished requests are kept)",
+                           code="trace_not_found")  # fmt: skip
+            return _error_response(err)
+        return Response(msgspec.json.encode(found.to_json()), media_type=_JSON)
 
     @app.get("/status")
     async def status() -> Response:
@@ -236,7 +251,7 @@ async def _collect(
             )
     if whole.finish_reason == "error":
         raise RuntimeError("generation failed on a worker")
-    tracker.finish("200", whole.num_prompt_tokens, whole.num_output_tokens)
+    tracker.finish("200", whole.num_prompt_tokens, whole.num_output_tokens, whole.finish_reason)
     return whole, _usage(whole)
 
 
@@ -285,7 +300,7 @@ def _sse(
             yield _event(ErrorResponse(err.body()))
         finally:
             n_in, n_out = (last.num_prompt_tokens, last.num_output_tokens) if last else (0, 0)
-            tracker.finish(status, n_in, n_out)
+            tracker.finish(status, n_in, n_out, last.finish_reason if last else None)
         yield b"data: [DONE]\n\n"
 
     return _SSEResponse(events(), tracker)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
@@ -31,11 +32,13 @@ from engine.errors import UnavailableError
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import KVTransferError
 from kv_transfer.ticket import Ticket
+from prefill_worker.worker import Prefilled
 from router.outputs import Item, outputs_of
 from router.placement import Role
 from router.reserve import reserve
 from router.router_state import Phase, Router, WorkerLost
 from router.routing import PrefillLoad, PrefillPolicy, block_hashes, pick_prefill
+from router.trace import Trace
 from router.workers import Worker
 
 __all__ = ["Phase", "RequestLife", "Router", "WorkerLost"]
@@ -55,12 +58,16 @@ class RequestLife:
         self._finished = False  # a delta carried a finish reason
         self._transfer_failures = 0
         self._admitted_tokens = 0  # prompt tokens counted against the prefill admission bound
+        colocated = router.fleet.config.colocated
+        self.trace = Trace(rid, "colocated" if colocated else "disaggregated")
 
     async def run(self) -> AsyncIterator[TokenDelta]:
         self._admitted_tokens = self.router.admit(len(self.ids))
+        self.trace.mark("routed", time.time())
         try:
             async with aclosing(self._attempts()) as attempts:
                 async for delta in attempts:
+                    delta.trace = self.trace  # the front end's tracker reads it (router.metrics)
                     self.generated.extend(delta.token_ids)
                     self._finished = self._finished or delta.finish_reason is not None
                     yield delta
@@ -113,6 +120,7 @@ class RequestLife:
         if self.attempt >= router.max_migrations:
             raise UnavailableError(f"request lost {self.attempt + 1} workers ({lost}); try again")
         self.attempt += 1
+        self.trace.attempts = self.attempt + 1
         self.attempt_rid = f"{self.rid}~{self.attempt}"
         router.stats.record(lost, resumed_tokens=len(self.generated))
 
@@ -140,6 +148,7 @@ class RequestLife:
             raise UnavailableError("no worker is active; try again later")
         worker = self.decode = min(workers, key=lambda w: (w.in_flight, rng.random()))
         fleet.enter(worker)
+        self.trace.engine = worker.name
         self.phase = Phase.STREAMING
         queue = outputs_of(worker).register(self.attempt_rid)
         try:
@@ -156,8 +165,9 @@ class RequestLife:
         self.phase = Phase.PREFILLING
         leases = self.router.leases
         leases.hold(decode, self.attempt_rid)
+        self.trace.mark("prefill_sent", time.time())
         try:
-            first = await prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
+            done = await prefill.actor.prefill.remote(self.attempt_rid, ids, params, ticket)
         except KVTransferError as exc:  # the prefill worker could not hand its KV to D
             raise WorkerLost(decode, f"KV transfer failed: {exc}", transfer=True) from None
         except ray.exceptions.RayActorError as exc:
@@ -171,10 +181,21 @@ class RequestLife:
         self.router.fleet.leave(prefill, self._queued)
         self.prefill, self._queued = None, 0
         self.phase = Phase.STREAMING
+        self._trace_prefill(done, prefill, decode)
+        first = done.token
         logprobs = [first] if params.logprobs is not None else None
         yield TokenDelta(self.rid, [first.token_id], logprobs, None, len(ids), 1)
         async for delta in self._relay(queue, decode):
             yield delta
+
+    def _trace_prefill(self, done: Prefilled, prefill: Worker, decode: Worker) -> None:
+        trace = self.trace
+        trace.engine, trace.prefill = decode.name, prefill.name
+        trace.kv_bytes += done.kv_bytes
+        trace.kv_pages += done.kv_pages
+        if not self.generated:  # the attempt that makes the first token owns TTFT's hops
+            trace.mark("prefill_returned", time.time())
+            trace.merge("p", done.marks)
 
     async def _pick_prefill(self, ids: list[int], avoid: set[str]) -> Worker:
         """The prefill worker for this prompt; its queue counts the tokens it must compute."""
@@ -203,6 +224,10 @@ class RequestLife:
             item = await queue.get()
             if isinstance(item, WorkerLost):
                 raise item
+            if item.marks is not None:  # the worker's first delta: its marks, once
+                prefix = "w" if self.trace.mode == "colocated" else "d"
+                if f"{prefix}_scheduled" not in self.trace.marks:
+                    self.trace.merge(prefix, item.marks)
             if item.finish_reason in ("abort", "error"):
                 dead = item.finish_reason == "error"  # its engine loop died
                 raise WorkerLost(worker, f"ended the request ({item.finish_reason})", dead)

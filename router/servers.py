@@ -59,7 +59,7 @@ async def serve_all(
     """Serve the OpenAI HTTP API and the gRPC API until a signal, `stop`, or cancellation.
     `api_key`: every call but health checks (and /metrics) must carry it; `grpc_credentials`:
     TLS for the gRPC API; `grace_s`: how long a stop waits for in-flight requests."""
-    metrics = metrics or RouterMetrics()
+    metrics = metrics or RouterMetrics(backend.model_name)
     stop = stop or asyncio.Event()
     gate = Gate()
     sock = _listen(host, http_port)  # listening before `ready`

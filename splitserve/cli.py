@@ -1,7 +1,8 @@
-"""The `splitserve` command line: serve, status, scale, generate (offline), bench.
+"""The `splitserve` command line: serve, status, top, scale, generate (offline), bench.
 
 A thin entry: each subcommand parses its arguments and hands them to router
-(serve, status, scale), bench or engine (generate); no package imports this one.
+(serve, status, scale), splitserve.top (top), bench or engine (generate); no package
+imports this one.
 
 Bad input ends with one line on stderr (`error: ...`) and exit status 2,
 never a traceback.
@@ -114,6 +115,30 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     status.set_defaults(func=_status)
 
 
+def _top(args: argparse.Namespace) -> int:
+    from splitserve.top import run_top
+
+    return run_top(args)
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def _add_top(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    top = sub.add_parser(
+        "top", help="live view of a running server: workers, queues, KV use, latency percentiles"
+    )
+    top.add_argument("--url", default="http://127.0.0.1:8000")
+    top.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds a frame")
+    top.add_argument("--once", action="store_true", help="print one frame (all-time) and exit")
+    _add_api_key_arg(top)
+    top.set_defaults(func=_top)
+
+
 def _scale(args: argparse.Namespace) -> int:
     from router.admin_client import run_scale
 
@@ -206,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_status(sub)
+    _add_top(sub)
     _add_scale(sub)
     _add_bench(sub)
     return parser

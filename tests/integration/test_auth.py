@@ -100,7 +100,7 @@ def test_health_and_metrics_stay_open(server: ServerThread) -> None:
         health = httpx.get(server.url + "/health", headers=headers, timeout=TIMEOUT_S)
         assert health.status_code == 200 and health.json() == {"status": "ok"}
         metrics = httpx.get(server.url + "/metrics", headers=headers, timeout=TIMEOUT_S)
-        assert metrics.status_code == 200 and "splitserve_requests_total" in metrics.text
+        assert metrics.status_code == 200 and "splitserve:requests_total" in metrics.text
 
 
 def test_http_with_the_key_works_as_before(server: ServerThread) -> None:

@@ -138,7 +138,7 @@ def test_cancel_aborts_the_request(stub: pb_grpc.GenerationStub, server: dict) -
         assert time.monotonic() < deadline, "KV blocks still held after cancel"
         time.sleep(0.05)
     metrics = httpx.get(f"http://127.0.0.1:{server['http']}/metrics", timeout=TIMEOUT_S).text
-    assert 'splitserve_requests_total{endpoint="grpc:Generate",status="CANCELLED"}' in metrics
+    assert 'splitserve:requests_total{endpoint="grpc:Generate",status="CANCELLED"}' in metrics
 
 
 def test_health_is_serving(channel: grpc.Channel) -> None:

@@ -185,7 +185,7 @@ def test_client_disconnect_aborts_the_request(http: httpx.Client) -> None:
     worker = wait_kv_free(http)
     assert worker["waiting"] == 0
     metrics = http.get("/metrics").text
-    assert 'splitserve_requests_total{endpoint="/v1/completions",status="499"}' in metrics
+    assert 'splitserve:requests_total{endpoint="/v1/completions",status="499"}' in metrics
 
 
 # ---- errors ----------------------------------------------------------------------------
@@ -260,15 +260,13 @@ def test_models_health_status_metrics(http: httpx.Client, client: openai.OpenAI)
     assert http.get("/no-such-route").json()["error"]["message"]
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
     metrics = http.get("/metrics").text
-    assert 'splitserve_requests_total{endpoint="/v1/completions",status="200"}' in metrics
+    assert 'splitserve:requests_total{endpoint="/v1/completions",status="200"}' in metrics
     for name in (
         "time_to_first_token_seconds",
         "inter_token_latency_seconds",
-        "time_per_output_token_seconds",
+        "request_time_per_output_token_seconds",
         "e2e_request_latency_seconds",
     ):
-        count = next(
-            line for line in metrics.splitlines() if line.startswith(f"splitserve_{name}_count")
-        )
+        count = next(line for line in metrics.splitlines() if line.startswith(f"vllm:{name}_count"))
         assert float(count.split()[-1]) > 0
-    assert 'splitserve_requests_in_flight{endpoint="/v1/completions"} 0.0' in metrics
+    assert 'splitserve:requests_in_flight{endpoint="/v1/completions"} 0.0' in metrics

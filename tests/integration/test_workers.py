@@ -47,8 +47,12 @@ def test_dead_decode_endpoint_fails_one_request_and_worker_goes_on(workers):
 
     async def good() -> list[int]:
         ticket = await decode.reserve("ok", PROMPT, PARAMS)
-        first = await prefill.prefill("ok", PROMPT, PARAMS, ticket)
-        tokens = [first.token_id]
+        done = await prefill.prefill("ok", PROMPT, PARAMS, ticket)
+        marks = done.marks  # the worker's trace marks, in order
+        assert marks["received"] <= marks["scheduled"] <= marks["first_token"] <= marks["kv_done"]
+        assert marks["kv_first_sent"] <= marks["kv_done"]
+        assert done.kv_pages == len(ticket.block_ids) * prefill.num_layers > 0
+        tokens = [done.token.token_id]
         async for batch in _stream(decode, "ok"):
             tokens += [t for d in batch for t in d.token_ids]
         return tokens
