@@ -30,6 +30,7 @@ from decode_worker.outbox import Outbox
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop, TokenDelta
 from engine.llm_engine import LLMEngine
+from engine.ray_metrics import publish_metrics
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.threads import engine_here, set_threads
@@ -48,6 +49,7 @@ class DecodeWorker:
         self.loop = EngineLoop(lambda: engine_here(config), name=f"{name}-loop")
         self.engine = self.loop.engine
         self.table = TransferTable()
+        self.metrics = publish_metrics(self.loop, config.model, name)
         self.expired = 0  # reservations whose lease ran out before their pages landed
         self.transport = transport or TransportConfig()
         self._secret = self.transport.secret or new_secret()
@@ -183,5 +185,7 @@ class DecodeWorker:
         self.loop.submit(request_id, prompt_token_ids, params, self.outbox.put)
 
     def shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.loop.stop()
         self._receiver.close()

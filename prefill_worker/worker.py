@@ -23,6 +23,7 @@ from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop, TokenDelta, stream
 from engine.errors import SplitServeError
 from engine.llm_engine import LLMEngine
+from engine.ray_metrics import publish_metrics
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk
@@ -68,6 +69,7 @@ class PrefillWorker:
         self.block_size = config.block_size
         self.layerwise = layerwise
         self.num_layers = self.engine.model_config.num_layers
+        self.metrics = publish_metrics(self.loop, config.model, name)
         self._tickets: dict[str, Ticket] = {}
         self._sent_upto: dict[str, int] = {}  # tokens whose pages went out (all layers)
         self._first_sent: dict[str, float] = {}  # when a request's first page went out
@@ -174,5 +176,7 @@ class PrefillWorker:
             )
 
     def shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.loop.stop()
         self.sender.close()

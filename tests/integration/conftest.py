@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[2]
+RAY_METRICS_PORT: list[int] = []  # the session cluster's Prometheus export port, once started
 
 
 @pytest.fixture(scope="session")
@@ -22,11 +23,16 @@ def ray_session():
         paths = [_ROOT, _ROOT / "tests", _ROOT / "tests" / "integration"]
         extra = os.environ.get("PYTHONPATH", "")
         pythonpath = os.pathsep.join([*map(str, paths), *([extra] if extra else [])])
+        from bench.server_process import free_port
+
+        RAY_METRICS_PORT[:] = [free_port()]
         ray.init(
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            _metrics_export_port=RAY_METRICS_PORT[0],  # Ray's Prometheus export of this node
+            _system_config={"metrics_report_interval_ms": 1000},  # workers' metrics every 1 s
         )
     yield ray
     ray.shutdown()

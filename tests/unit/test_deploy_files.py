@@ -65,7 +65,9 @@ def test_deploy_has_the_files_the_docs_name():
         "kuberay/raycluster.yaml",
         "kuberay/router.yaml",
         "Dockerfile",
-        "prometheus.yml",
+        "prometheus/prometheus.yml",
+        "grafana/splitserve.json",
+        "grafana/README.md",
         "README.md",
     ]:
         assert name in names
@@ -297,7 +299,7 @@ def test_docker_build_leaves_the_venv_out():
 def test_prometheus_scrapes_router_metrics_and_ray():
     from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 
-    (config,) = load_all(DEPLOY / "prometheus.yml")
+    (config,) = load_all(DEPLOY / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     router = [
         job
