@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m engine.cpu_kernels
 	touch $(STAMP)
 
+# Prometheus (the Debian package) for the e2e test that scrapes a running server: installed
+# as root (CI) when missing; elsewhere a hint, and that test skips.
 setup: $(STAMP)
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "setup: no prometheus on PATH; 'sudo apt-get install prometheus' for its e2e test"; fi; }
 
 serve: setup
 	$(BIN)/splitserve serve --model smollm2-135m --prefill 1 --decode 1 --port 8000 --grpc-port 50051

@@ -15,7 +15,9 @@ each name to vLLM's.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -33,6 +35,7 @@ HOP_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  10.0)  # fmt: skip
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 NO_ENGINE = "router"  # the engine label of a request no worker served
+log = logging.getLogger(__name__)
 
 _REQ = ("model_name", "engine")
 
@@ -44,8 +47,14 @@ def _histogram(name: str, doc: str, buckets: tuple[float, ...], r: CollectorRegi
 class RouterMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str = "", registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        model_name: str = "",
+        registry: CollectorRegistry | None = None,
+        exporter: Callable[[Trace], None] | None = None,  # router.otel: spans over OTLP
+    ):
         self.model_name = model_name
+        self.exporter = exporter
         self.registry = r = registry or CollectorRegistry()
         self.traces = TraceStore()
         self.requests = Counter(
@@ -201,6 +210,11 @@ class RequestTracker:
             self.trace.mark("finished", now)
             self._observe_trace(self.trace, labels)
             m.traces.put(self.trace)
+            if m.exporter is not None:
+                try:
+                    m.exporter(self.trace)
+                except Exception as exc:  # noqa: BLE001 - tracing never fails a request
+                    log.warning("trace export failed: %r", exc)
 
     def _observe_trace(self, trace: Trace, labels: tuple[str, str]) -> None:
         m = self._m

@@ -113,6 +113,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "worker; float32 decode steps of 5-64 sequences and every bfloat16 GEMM run slower)",
     )
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export each request's hop-by-hop trace as OpenTelemetry spans to this OTLP/HTTP "
+        "collector (e.g. http://127.0.0.1:4318); default: off",
+    )
     add_access_args(p)
     add_reliability_args(p)
 
@@ -231,12 +237,18 @@ def _print_ready(args: argparse.Namespace, dashboard: str, keyed: bool, tls: boo
 def run_serve(args: argparse.Namespace) -> int:
     import ray
 
+    from engine.errors import SplitServeError
     from engine.llm_engine import check_kv_capacity
+    from router.metrics import RouterMetrics
+    from router.otel import otlp_exporter
     from router.pools import PoolConfig, RayBackend
     from router.servers import serve_all
 
     api_key, credentials = _client_access(args)
     reliability = reliability_config(args)  # bad values fail before Ray starts
+    otlp = args.otlp_endpoint
+    if otlp and not otlp.startswith(("http://", "https://")):
+        raise SplitServeError(f"--otlp-endpoint must be an http(s) URL, got {otlp!r}")
     dashboard = _init_ray(args.address, args.dashboard_port, args.node_ip_address)
     workers = args.prefill + args.decode
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -282,11 +294,13 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     backend = RayBackend(pools, model_name=args.served_model_name or args.model)
     _print_ready(args, dashboard, api_key is not None, credentials is not None)
+    exporter = otlp_exporter(args.otlp_endpoint) if args.otlp_endpoint else None
     serving = serve_all(
         backend,
         args.host,
         args.port,
         args.grpc_port,
+        metrics=RouterMetrics(backend.model_name, exporter=exporter),
         api_key=api_key,
         grpc_credentials=credentials,
         grace_s=args.shutdown_grace,

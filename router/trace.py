@@ -117,6 +117,17 @@ class Trace:
         }
 
 
+def hop_bounds(trace: Trace) -> dict[str, tuple[float, float]]:
+    """(start, end) wall-clock seconds of every hop `trace.spans()` measures."""
+    table = _COLOCATED_TTFT if trace.mode == "colocated" else _DISAGG_TTFT
+    marks = trace.marks
+    return {
+        hop: (marks[a], max(marks[a], marks[b]))
+        for hop, a, b in (*table, *_AFTER)
+        if a in marks and b in marks
+    }
+
+
 def _by_t(item: tuple[str, float]) -> float:
     return item[1]
 

@@ -27,8 +27,9 @@ class ServerThread:
         api_key: str | None = None,
         grpc_credentials: Any = None,
         grace_s: float = 10.0,
+        metrics: Any = None,
     ):
-        self.backend = backend
+        self.backend, self.metrics = backend, metrics
         self.api_key, self.grpc_credentials, self.grace_s = api_key, grpc_credentials, grace_s
         self.http_port, self.grpc_port = free_port(), free_port()
         self._loop = asyncio.new_event_loop()
@@ -38,7 +39,7 @@ class ServerThread:
 
     @classmethod
     def for_checkpoint(cls, path: Path, model_name: str, **serve_kw: Any) -> ServerThread:
-        """`serve_kw`: api_key, grpc_credentials, grace_s."""
+        """`serve_kw`: api_key, grpc_credentials, grace_s, metrics."""
         engine = LLMEngine(EngineConfig(model=str(path), **ENGINE_ARGS))
         return cls(LocalBackend(EngineLoop(engine), model_name), **serve_kw).start()
 
@@ -55,6 +56,7 @@ class ServerThread:
                 api_key=self.api_key,
                 grpc_credentials=self.grpc_credentials,
                 grace_s=self.grace_s,
+                metrics=self.metrics,
             )
         )
         ready_task = asyncio.create_task(ready.wait())
