@@ -71,6 +71,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     p.add_argument("--result-json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG of the TTFT and ITL CDFs")
+    p.add_argument(
+        "--hops",
+        action="store_true",
+        help="splitserve servers: after the run, each request's trace (GET /debug/trace/ID): "
+        "where its TTFT went, hop by hop, and the median per hop",
+    )
+    p.add_argument("--api-key", default=None, help="for --hops (default: $SPLITSERVE_API_KEY)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -139,6 +146,7 @@ def _new_record(sample: Sample) -> dict[str, Any]:
         "prompt_tokens": 0,
         "success": False,
         "error": "",
+        "id": None,  # the server's response id (OpenAI streaming)
     }
 
 
@@ -192,6 +200,7 @@ class OpenAIClient:
                 event = json.loads(data)
                 if "error" in event:
                     raise RuntimeError(_error_message(data))
+                rec["id"] = rec["id"] or event.get("id")
                 for choice in event.get("choices") or []:
                     text = (
                         (choice.get("delta") or {}).get("content") if chat else choice.get("text")
@@ -440,6 +449,12 @@ def plot_cdfs(records: list[dict[str, Any]], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     result = benchmark(args)
     print(format_summary(result["summary"]))
+    if args.hops:
+        from bench import hops
+
+        hops.attach_hops(result["requests"], args.base_url, args.api_key)
+        result["hops"] = hops.summarize(result["requests"])
+        print(hops.format_summary(result["hops"]))
     if args.result_json:
         args.result_json.parent.mkdir(parents=True, exist_ok=True)
         args.result_json.write_text(json.dumps(result, indent=2) + "\n")

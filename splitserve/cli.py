@@ -160,6 +160,7 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from bench import (
+        hops,
         overload_bench,
         peer_compare,
         prefix_bench,
@@ -187,6 +188,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "load-test a running server (vllm bench serve)",
             serve_bench.add_args,
             serve_bench.run,
+        ),
+        (
+            "hops",
+            "where TTFT goes, hop by hop, at a low and a high load (a server it starts)",
+            hops.add_args,
+            hops.run,
         ),
         (
             "sweep",

@@ -190,3 +190,25 @@ def test_tool_agrees_with_the_servers_own_timings(server):
     overhead_s = 0.25 * N  # generous per-request loopback + HTTP bound on a loaded 2-core box
     assert ttft_sum <= tool_ttft <= ttft_sum + overhead_s
     assert e2e_sum <= tool_e2e <= e2e_sum + overhead_s
+
+
+def test_hops_join_each_request_to_its_server_trace(server):
+    """`bench serve --hops`: each request's TTFT hops (from GET /debug/trace/ID, by the
+    response id the client saw) cover its client-measured TTFT, less the client's overhead."""
+    from bench import hops
+
+    args = _args(server, request_rate=20.0)
+    result = serve_bench.benchmark(args)
+    hops.attach_hops(result["requests"], args.base_url, None)
+    summary = hops.summarize(result["requests"])
+    assert summary["requests"] == N
+    assert list(summary["median_ms"]) == ["router_queue", "worker_queue", "prefill_compute",
+                                          "deliver"]  # fmt: skip
+    for rec in result["requests"]:
+        client_ms = 1000 * (rec["first_token_time"] - rec["start"])
+        hop_ms = sum(rec["hops_ms"].values())
+        assert hop_ms == pytest.approx(rec["server_ttft_ms"], abs=1e-3)
+        assert hop_ms <= client_ms <= hop_ms + 250  # loopback + HTTP client, on a loaded box
+        assert rec["after_ms"]["decode"] > 0
+    text = hops.format_summary(summary)
+    assert "prefill_compute" in text and "hops / client TTFT" in text
