@@ -30,6 +30,7 @@ from decode_worker.outbox import Outbox
 from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop, TokenDelta
 from engine.llm_engine import LLMEngine
+from engine.profile import profile as engine_profile
 from engine.ray_metrics import publish_metrics
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -161,6 +162,10 @@ class DecodeWorker:
 
     async def abort(self, request_id: str) -> None:
         self._end(request_id)
+
+    async def profile(self) -> dict[str, dict[int, float]]:
+        """This worker's capacity (engine.profile), measured now: call it while it is idle."""
+        return await asyncio.wrap_future(self.loop.call(engine_profile))
 
     async def reap_expired(self) -> int:
         """End reservations whose lease ran out before their pages landed."""

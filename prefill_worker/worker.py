@@ -23,6 +23,7 @@ from engine.engine_config import EngineConfig
 from engine.engine_loop import EngineLoop, TokenDelta, stream
 from engine.errors import SplitServeError
 from engine.llm_engine import LLMEngine
+from engine.profile import profile as engine_profile
 from engine.ray_metrics import publish_metrics
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -134,6 +135,10 @@ class PrefillWorker:
 
     async def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
+
+    async def profile(self) -> dict[str, dict[int, float]]:
+        """This worker's capacity (engine.profile), measured now: call it while it is idle."""
+        return await asyncio.wrap_future(self.loop.call(engine_profile))
 
     def _on_layer(self, layer: int, chunks: list[ScheduledChunk]) -> None:
         """After layer `layer` of a step: its pages for every chunk in the step go out."""

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from router.fleet_metrics import FleetCollector
+from router.slo_window import Finished, RequestWindow
 from router.trace import Trace, TraceStore
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -103,6 +104,25 @@ class RouterMetrics:
         self._add_kv_metrics(r)
         self._status: dict = {}
         r.register(FleetCollector(model_name, self._workers, self._recovery))
+        self.window = RequestWindow()  # what the autoscaler reads (router.autoscaler)
+        self.decisions = Counter(
+            "splitserve:autoscaler_decisions", "Autoscaler decisions that changed a pool, by "
+            "direction", ["model_name", "pool", "direction"], registry=r,
+        )  # fmt: skip
+        self.target_workers = Gauge(
+            "splitserve:autoscaler_target_workers", "Workers the autoscaler last asked for",
+            ["model_name", "pool"], registry=r,
+        )  # fmt: skip
+
+    def observe_decision(self, decision) -> None:
+        """An autoscaler decision (planner.Decision): its targets, and a count if it moved."""
+        for pool in ("prefill", "decode"):
+            self.target_workers.labels(self.model_name, pool).set(getattr(decision, pool))
+        for pool, before in decision.before.items():
+            after = getattr(decision, pool)
+            if after != before:
+                way = "up" if after > before else "down"
+                self.decisions.labels(self.model_name, pool, way).inc()
 
     def observe_status(self, report: dict) -> None:
         """The backend's /status report: the per-worker series come from its snapshots."""
@@ -155,6 +175,7 @@ class RequestTracker:
         self._done = False
         self.trace: Trace | None = None
         metrics.in_flight.labels(endpoint).inc()
+        metrics.window.arrived(time.monotonic())
 
     def on_trace(self, trace: Trace | None) -> None:
         """The backend's hop marks for this request (router.trace), once it has them."""
@@ -203,9 +224,15 @@ class RequestTracker:
         reason = finish_reason if status in ("200", "OK") else _reason_of(status)
         if reason in FINISHED_REASONS:
             m.success.labels(*labels, reason).inc()
+        tpot = None
         if self._first_s is not None and self._last_s is not None and self._num_tokens > 1:
             tpot = (self._last_s - self._first_s) / (self._num_tokens - 1)
             m.tpot_s.labels(*labels).observe(tpot)
+        if status in ("200", "OK"):
+            ttft = None if self._first_s is None else self._first_s - self._arrival_s
+            wait = None if self.trace is None else self.trace.spans().get("reservation")
+            m.window.finished(Finished(time.monotonic(), ttft, tpot, prompt_tokens,
+                                       completion_tokens, wait))  # fmt: skip
         if self.trace is not None:
             self.trace.mark("finished", now)
             self._observe_trace(self.trace, labels)

@@ -101,6 +101,7 @@ def _enum(cls, value: str, what: str):
 class RayBackend:
     def __init__(self, config: PoolConfig, model_name: str = "smollm2-135m") -> None:
         self.config, self.model_name = config, model_name
+        self.autoscaler: Any = None  # router.autoscaler.Autoscaler, when on
         counts = config.first_counts()
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         placement = plan_placement(
@@ -182,6 +183,7 @@ class RayBackend:
                 "leases_held": self.router.leases.held(),
             },
             "workers": [_worker_status(w) for w in self.fleet.members()],
+            "autoscaler": None if self.autoscaler is None else self.autoscaler.status(),
         }
 
     async def healthy(self) -> bool:

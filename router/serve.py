@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from engine.engine_config import DTYPE_CHOICES, EngineConfig
 from router.access import API_KEY_ENV, GRACE_S, resolve_api_key
+from router.autoscale_args import add_autoscale_args, autoscale_config
 from router.reliability_args import add_reliability_args, reliability_config
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     add_access_args(p)
     add_reliability_args(p)
+    add_autoscale_args(p)
 
 
 def add_access_args(p: argparse.ArgumentParser) -> None:
@@ -239,6 +241,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from engine.errors import SplitServeError
     from engine.llm_engine import check_kv_capacity
+    from router.autoscaler import with_autoscaler
     from router.metrics import RouterMetrics
     from router.otel import otlp_exporter
     from router.pools import PoolConfig, RayBackend
@@ -246,6 +249,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     api_key, credentials = _client_access(args)
     reliability = reliability_config(args)  # bad values fail before Ray starts
+    autoscale = autoscale_config(args)
     otlp = args.otlp_endpoint
     if otlp and not otlp.startswith(("http://", "https://")):
         raise SplitServeError(f"--otlp-endpoint must be an http(s) URL, got {otlp!r}")
@@ -295,18 +299,19 @@ def run_serve(args: argparse.Namespace) -> int:
     backend = RayBackend(pools, model_name=args.served_model_name or args.model)
     _print_ready(args, dashboard, api_key is not None, credentials is not None)
     exporter = otlp_exporter(args.otlp_endpoint) if args.otlp_endpoint else None
+    metrics = RouterMetrics(backend.model_name, exporter=exporter)
     serving = serve_all(
         backend,
         args.host,
         args.port,
         args.grpc_port,
-        metrics=RouterMetrics(backend.model_name, exporter=exporter),
+        metrics=metrics,
         api_key=api_key,
         grpc_credentials=credentials,
         grace_s=args.shutdown_grace,
     )
     try:
-        asyncio.run(serving)
+        asyncio.run(with_autoscaler(serving, backend, metrics, autoscale))
     except KeyboardInterrupt:
         pass
     finally:

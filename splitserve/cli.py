@@ -160,6 +160,7 @@ def _add_scale(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from bench import (
+        autoscale_bench,
         hops,
         overload_bench,
         peer_compare,
@@ -188,6 +189,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "load-test a running server (vllm bench serve)",
             serve_bench.add_args,
             serve_bench.run,
+        ),
+        (
+            "autoscale",
+            "a load ramp against the SLO autoscaler: pools and attainment over time",
+            autoscale_bench.add_args,
+            autoscale_bench.run,
         ),
         (
             "hops",
