@@ -30,6 +30,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phases", default="60:0.5,120:3,90:0.5", help="SECONDS:REQ_PER_S,...")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=49152, help="prompt ids are drawn below it")
     p.add_argument("--ttft-target-ms", type=float, default=2000.0)
     p.add_argument("--tpot-target-ms", type=float, default=150.0)
     p.add_argument("--interval", type=float, default=5.0, help="autoscaler interval (s)")
@@ -67,9 +68,7 @@ def arrivals(phases: list[tuple[float, float]], seed: int) -> list[float]:
     return times
 
 
-async def _request(http: Any, base: str, ids: list[int], out_len: int, rec: dict) -> None:
-    body = {"model": "m", "prompt": ids, "max_tokens": out_len, "ignore_eos": True,
-            "stream": True, "temperature": 0.0}  # fmt: skip
+async def _request(http: Any, base: str, body: dict, rec: dict) -> None:
     t0 = time.monotonic()
     times = []
     try:
@@ -96,13 +95,16 @@ async def _drive(base: str, args: argparse.Namespace, times: list[float], t0: fl
     records: list[dict] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        model = (await http.get(f"{base}/v1/models")).json()["data"][0]["id"]
         tasks = []
         for at in times:
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
             rec = {"arrival": at, "t0": t0, "ttft_s": None, "tpot_s": None, "error": ""}
             records.append(rec)
-            ids = [rng.randrange(1, 49000) for _ in range(args.input_len)]
-            tasks.append(asyncio.create_task(_request(http, base, ids, args.output_len, rec)))
+            ids = [rng.randrange(1, args.vocab_size) for _ in range(args.input_len)]
+            body = {"model": model, "prompt": ids, "max_tokens": args.output_len,
+                    "ignore_eos": True, "stream": True, "temperature": 0.0}  # fmt: skip
+            tasks.append(asyncio.create_task(_request(http, base, body, rec)))
         await asyncio.gather(*tasks)
     for rec in records:
         rec.pop("t0")
