@@ -7,8 +7,9 @@ For each pool, in order:
                                                       -> grow (at least by one)
   4. the predicted load needs more workers             -> grow to what it needs
   5. the predicted load needs fewer, the SLO holds with room (under scale_down_below x
-     target, or too few requests to judge), and N-1 workers could take the load without
-     breaching (predicted and live)
+     target, or too few requests to judge), and N-1 workers could have taken the busiest
+     interval of the last latency window without breaching (predicted from its load, and
+     live from its busy workers)
                                                       -> shrink by one
   6. otherwise                                        -> no change
 A change is capped at `max_step` workers and kept within the pool's min and max.
@@ -21,6 +22,7 @@ tokens x TPOT target) over the batch one worker may run within the TPOT target (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from planner.capacity import Capacity, ceil_div
@@ -70,14 +72,19 @@ class Planner:
     capacity: Capacity
     predictor: Predictor = field(init=False)
     last_change_s: dict[str, float] = field(default_factory=dict)
+    recent: list[Observation] = field(default_factory=list)  # the last `lookback` intervals
+    lookback: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.predictor = Predictor(self.config.predictor, self.config.ewma_alpha)
+        self.lookback = max(3, math.ceil(self.config.window_s / self.config.interval_s))
 
     def decide(self, obs: Observation) -> Decision:
         cfg, cap = self.config, self.capacity
         self.predictor.observe(obs.load)
         load = self.predictor.predict_with(obs.load)
+        self.recent.append(obs)
+        del self.recent[: -self.lookback]
         cap.correct_prefill(
             obs.load.rate * obs.load.prompt_tokens, obs.prefill.active, obs.prefill.busy
         )
@@ -88,8 +95,8 @@ class Planner:
         waits = _waiting_for_decode(obs, cfg.ttft_target_s)
         ttft = None if waits else obs.ttft_s
         p, why_p = self._pool("prefill", obs, obs.prefill, need_p, ttft, cfg.ttft_target_s,
-                              cfg.prefill, self._prefill_can_shrink(load, obs.prefill))  # fmt: skip
-        shrink_d = self._decode_can_shrink(load, obs.decode)
+                              cfg.prefill, self._prefill_can_shrink(load))  # fmt: skip
+        shrink_d = self._decode_can_shrink(load)
         d, why_d = self._pool("decode", obs, obs.decode, need_d, obs.tpot_s, cfg.tpot_target_s,
                               cfg.decode, shrink_d, waits)  # fmt: skip
         changed = p != obs.prefill.active or d != obs.decode.active
@@ -117,24 +124,35 @@ class Planner:
         return max(ceil_div(decoding, self._decode_slots()), by_kv)
 
     # ---- the N -> N-1 check ---------------------------------------------------------------
-    def _prefill_can_shrink(self, load: Load, pool: PoolState) -> bool:
-        n = pool.active
+    # A pool shrinks only if N-1 workers could have carried the busiest interval of the last
+    # `lookback` (the latency window): one quiet interval, a Poisson dip, is not a trend.
+    def _peak(self, load: Load) -> tuple[Load, list[Observation]]:
+        rates = [o.load for o in self.recent] + [load]
+        peak = Load(max(x.rate for x in rates), max(x.prompt_tokens for x in rates),
+                    max(x.output_tokens for x in rates))  # fmt: skip
+        return peak, self.recent
+
+    def _prefill_can_shrink(self, load: Load) -> bool:
+        n = self.recent[-1].prefill.active
         if n <= 1:
             return False
+        peak, recent = self._peak(load)
         per_worker = self.capacity.prefill_tokens_per_s()
-        predicted = load.rate * load.prompt_tokens / ((n - 1) * per_worker) if per_worker else 1.0
-        live = pool.busy * n / (n - 1)
+        predicted = peak.rate * peak.prompt_tokens / ((n - 1) * per_worker) if per_worker else 1.0
+        live = max(o.prefill.busy * o.prefill.active for o in recent) / (n - 1)
         return max(predicted, live) <= self.config.headroom
 
-    def _decode_can_shrink(self, load: Load, pool: PoolState) -> bool:
-        n = pool.active
+    def _decode_can_shrink(self, load: Load) -> bool:
+        n = self.recent[-1].decode.active
         if n <= 1:
             return False
+        peak, recent = self._peak(load)
         slots = self._decode_slots()
-        decoding = load.rate * load.output_tokens * self.config.tpot_target_s
+        decoding = peak.rate * peak.output_tokens * self.config.tpot_target_s
         predicted_ok = slots > 0 and decoding / (n - 1) <= slots
-        live_ok = pool.running * n / (n - 1) <= slots and pool.kv_use * n / (n - 1) <= KV_HIGH
-        return predicted_ok and live_ok
+        running = max(o.decode.running * o.decode.active for o in recent)
+        kv = max(o.decode.kv_use * o.decode.active for o in recent)
+        return predicted_ok and running / (n - 1) <= slots and kv / (n - 1) <= KV_HIGH
 
     # ---- one pool ---------------------------------------------------------------------
     def _pool(
