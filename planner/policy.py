@@ -8,8 +8,8 @@ For each pool, in order:
   4. the predicted load needs more workers             -> grow to what it needs
   5. the predicted load needs fewer, the SLO holds with room (under scale_down_below x
      target, or too few requests to judge), and N-1 workers could have taken the busiest
-     interval of the last latency window without breaching (predicted from its load, and
-     live from its busy workers)
+     interval of the last two latency windows without breaching (predicted from its load,
+     live from its busy workers; prefill: the TTFT of N-1 queues of prompts, M/D/1)
                                                       -> shrink by one
   6. otherwise                                        -> no change
 A change is capped at `max_step` workers and kept within the pool's min and max.
@@ -73,11 +73,12 @@ class Planner:
     predictor: Predictor = field(init=False)
     last_change_s: dict[str, float] = field(default_factory=dict)
     recent: list[Observation] = field(default_factory=list)  # the last `lookback` intervals
+    # (two latency windows: the busiest interval in them must fit on N-1 workers to shrink)
     lookback: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.predictor = Predictor(self.config.predictor, self.config.ewma_alpha)
-        self.lookback = max(3, math.ceil(self.config.window_s / self.config.interval_s))
+        self.lookback = max(3, math.ceil(2 * self.config.window_s / self.config.interval_s))
 
     def decide(self, obs: Observation) -> Decision:
         cfg, cap = self.config, self.capacity
@@ -138,9 +139,18 @@ class Planner:
             return False
         peak, recent = self._peak(load)
         per_worker = self.capacity.prefill_tokens_per_s()
-        predicted = peak.rate * peak.prompt_tokens / ((n - 1) * per_worker) if per_worker else 1.0
+        if per_worker <= 0:
+            return False
+        predicted = peak.rate * peak.prompt_tokens / ((n - 1) * per_worker)
         live = max(o.prefill.busy * o.prefill.active for o in recent) / (n - 1)
-        return max(predicted, live) <= self.config.headroom
+        rho = max(predicted, live)
+        if rho > self.config.headroom or rho >= 1.0:
+            return False
+        # TTFT on N-1 workers, each a queue of prompts (M/D/1): one prompt's compute plus
+        # twice the mean wait (about the p90 of the wait), against the target
+        service = peak.prompt_tokens / per_worker
+        wait = rho * service / (2 * (1 - rho))
+        return service + 2 * wait <= self.config.ttft_target_s
 
     def _decode_can_shrink(self, load: Load) -> bool:
         n = self.recent[-1].decode.active

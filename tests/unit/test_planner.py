@@ -200,10 +200,11 @@ def test_a_ttft_broken_by_waiting_for_kv_room_grows_decode_not_prefill():
 def test_one_quiet_interval_is_not_a_trend():
     """2 prefill workers carry 1,500 tokens/s (busy 0.75 each; one alone would be at 1.5):
     a single quiet interval (a Poisson dip) must not take one away; a quiet window does."""
-    pl = planner(headroom=0.8, cooldown_s=0.0, window_s=30.0, interval_s=10.0)  # lookback 3
+    pl = planner(headroom=0.8, cooldown_s=0.0, window_s=30.0, interval_s=10.0)  # lookback 6
     for t in (0.0, 10.0):
         assert pl.decide(obs(t=t, rate=3.0, ttft=0.4, p=2, p_busy=0.75)).prefill == 2
     dip = pl.decide(obs(t=20.0, rate=0.4, ttft=0.2, p=2, p_busy=0.1))
     assert dip.prefill == 2, dip.reasons["prefill"]
-    quiet = [pl.decide(obs(t=30.0 + 10 * i, rate=0.4, ttft=0.2, p=2, p_busy=0.1)) for i in range(2)]
-    assert [d.prefill for d in quiet] == [2, 1]  # once the busy intervals left the window
+    quiet = [pl.decide(obs(t=30.0 + 10 * i, rate=0.4, ttft=0.2, p=2, p_busy=0.1)) for i in range(5)]
+    # the busy intervals (t = 0, 10) leave the lookback of two windows (60 s) at t = 70
+    assert [d.prefill for d in quiet] == [2, 2, 2, 2, 1]
