@@ -41,7 +41,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy engine router prefill_worker decode_worker kv_transfer bench splitserve planner
+	$(BIN)/mypy engine router prefill_worker decode_worker kv_transfer bench splitserve planner sim
 
 bench: setup
 	$(BIN)/splitserve bench offline

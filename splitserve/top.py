@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -216,6 +217,9 @@ def run_top(args: argparse.Namespace) -> int:
     from router.access import resolve_api_key
 
     key = resolve_api_key(args.api_key)
+    # Ctrl-C ends it even where the parent left SIGINT ignored (a child inherits that, and
+    # Python then installs no KeyboardInterrupt handler): seen under the test runner
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     prev: Scrape | None = None
     try:
         while True:
