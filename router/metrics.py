@@ -218,17 +218,19 @@ class RequestTracker:
         labels = self._labels()
         m.in_flight.labels(self._endpoint).dec()
         m.requests.labels(self._endpoint, status).inc()
+        ok = status in ("200", "OK")
+        reason = (finish_reason or "stop") if ok else _reason_of(status)
+        if reason not in FINISHED_REASONS:  # refused (4xx): not a processed request
+            return
+        m.success.labels(*labels, reason).inc()
         m.e2e_s.labels(*labels).observe(now - self._arrival_s)
         m.prompt_tokens.labels(*labels).inc(prompt_tokens)
         m.generation_tokens.labels(*labels).inc(completion_tokens)
-        reason = finish_reason if status in ("200", "OK") else _reason_of(status)
-        if reason in FINISHED_REASONS:
-            m.success.labels(*labels, reason).inc()
         tpot = None
         if self._first_s is not None and self._last_s is not None and self._num_tokens > 1:
             tpot = (self._last_s - self._first_s) / (self._num_tokens - 1)
             m.tpot_s.labels(*labels).observe(tpot)
-        if status in ("200", "OK"):
+        if ok:
             ttft = None if self._first_s is None else self._first_s - self._arrival_s
             wait = None if self.trace is None else self.trace.spans().get("reservation")
             m.window.finished(Finished(time.monotonic(), ttft, tpot, prompt_tokens,

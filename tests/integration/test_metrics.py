@@ -59,6 +59,8 @@ def test_vllm_names_labels_and_buckets(server: ServerThread) -> None:
         before = _samples(httpx.get(server.url + "/metrics").text)  # open: no key
         for _ in range(3):
             _complete(http, max_tokens=4)
+        bad = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1})
+        assert bad.status_code == 400  # refused: not a processed request in vLLM's series
         after = _samples(httpx.get(server.url + "/metrics").text)
     labels = {"model_name": MODEL, "engine": LOCAL_WORKER}
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
