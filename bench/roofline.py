@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine import SamplingParams
 from engine.config import ModelConfig
+from engine.profile import median_decode_step_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,26 +135,10 @@ def time_decode_steps(llm, batch_size: int, prompt_len: int, warmup: int, steps:
     engine = llm.engine
     if engine.has_unfinished():
         raise RuntimeError("the engine must be idle before timing decode steps")
-    params = SamplingParams(max_tokens=warmup + steps + 2, temperature=0.0, ignore_eos=True)
     prompts = random_prompts(batch_size, prompt_len, engine.model_config.vocab_size, seed)
-    ids = [f"roofline-b{batch_size}-{i}" for i in range(batch_size)]
-    for rid, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(rid, prompt, params)
-    started: set[str] = set()
-    while len(started) < batch_size:  # prefill (chunked, maybe over several steps)
-        started.update(o.request_id for o in engine.step())
-    for _ in range(warmup):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    for rid in ids:
-        engine.abort(rid)
-    times.sort()
+    step_s = median_decode_step_s(engine, prompts, f"roofline-b{batch_size}", warmup, steps)
     context = prompt_len + 1 + warmup + (steps + 1) / 2
-    return times[len(times) // 2], context
+    return step_s, context
 
 
 def decode_point(

@@ -55,20 +55,27 @@ def profile(engine: Any, prompt_lens=PROMPT_LENS, batches=DECODE_BATCHES,
     for batch in batches:
         if batch > engine.config.max_num_seqs or batch * (ctx + STEPS + 2) > _room_tokens(engine):
             continue
-        decode[batch] = _decode_step_s(engine, batch, ctx, vocab, rng)
+        prompts = [_ids(ctx, vocab, rng) for _ in range(batch)]
+        decode[batch] = median_decode_step_s(engine, prompts, f"profile-decode-{batch}")
     return {"prefill_tokens_per_s": prefill, "decode_step_s": decode}
 
 
-def _decode_step_s(engine: Any, batch: int, ctx: int, vocab: int, rng: random.Random) -> float:
-    params = SamplingParams(max_tokens=STEPS + 2, temperature=0.0, ignore_eos=True)
-    ids = [f"profile-decode-{batch}-{i}" for i in range(batch)]
-    for rid in ids:
-        engine.add_request(rid, _ids(ctx, vocab, rng), params)
+def median_decode_step_s(
+    engine: Any, prompts: list[list[int]], tag: str, warmup: int = 0, steps: int = STEPS
+) -> float:
+    """Median seconds of `steps` engine steps while every prompt decodes (after their
+    prefill and `warmup` steps); the requests are aborted after."""
+    params = SamplingParams(max_tokens=warmup + steps + 2, temperature=0.0, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, params)
     started: set[str] = set()
-    while len(started) < batch:  # prefill (chunked, maybe over several steps)
+    while len(started) < len(ids):  # prefill (chunked, maybe over several steps)
         started.update(o.request_id for o in engine.step())
+    for _ in range(warmup):
+        engine.step()
     times = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from engine.load import load_of
+
 log = logging.getLogger(__name__)
 
 _TAGS = ("model_name", "engine", "role")
@@ -42,12 +44,11 @@ def role_of(worker_name: str) -> str:
 
 def gauge_values(snapshot: dict[str, Any]) -> dict[str, float]:
     """The gauges' values from an engine snapshot (LLMEngine.snapshot)."""
-    total = snapshot.get("kv_blocks_total", 0)
-    waiting = snapshot.get("waiting", 0) + snapshot.get("awaiting_kv", 0)
+    load = load_of(snapshot)
     return {
-        "vllm_num_requests_running": float(snapshot.get("running", 0)),
-        "vllm_num_requests_waiting": float(waiting + snapshot.get("landed", 0)),
-        "vllm_kv_cache_usage_perc": snapshot.get("kv_blocks_used", 0) / total if total else 0.0,
+        "vllm_num_requests_running": float(load.running),
+        "vllm_num_requests_waiting": float(load.waiting),
+        "vllm_kv_cache_usage_perc": load.kv_use,
     }
 
 

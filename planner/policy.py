@@ -36,8 +36,6 @@ WAIT_SHARE = 0.5  # TTFT broken mostly by waiting for decode room: the decode po
 @dataclass(frozen=True, slots=True)
 class PoolState:
     active: int
-    starting: int = 0
-    draining: int = 0
     busy: float = 0.0  # mean fraction of the interval the workers spent stepping
     running: float = 0.0  # mean sequences running per worker
     kv_use: float = 0.0  # mean KV use, 0..1
@@ -127,22 +125,21 @@ class Planner:
     # ---- the N -> N-1 check ---------------------------------------------------------------
     # A pool shrinks only if N-1 workers could have carried the busiest interval of the last
     # `lookback` (the latency window): one quiet interval, a Poisson dip, is not a trend.
-    def _peak(self, load: Load) -> tuple[Load, list[Observation]]:
-        rates = [o.load for o in self.recent] + [load]
-        peak = Load(max(x.rate for x in rates), max(x.prompt_tokens for x in rates),
-                    max(x.output_tokens for x in rates))  # fmt: skip
-        return peak, self.recent
+    def _peak(self, load: Load) -> Load:
+        loads = [o.load for o in self.recent] + [load]
+        return Load(max(x.rate for x in loads), max(x.prompt_tokens for x in loads),
+                    max(x.output_tokens for x in loads))  # fmt: skip
 
     def _prefill_can_shrink(self, load: Load) -> bool:
         n = self.recent[-1].prefill.active
         if n <= 1:
             return False
-        peak, recent = self._peak(load)
+        peak = self._peak(load)
         per_worker = self.capacity.prefill_tokens_per_s()
         if per_worker <= 0:
             return False
         predicted = peak.rate * peak.prompt_tokens / ((n - 1) * per_worker)
-        live = max(o.prefill.busy * o.prefill.active for o in recent) / (n - 1)
+        live = max(o.prefill.busy * o.prefill.active for o in self.recent) / (n - 1)
         rho = max(predicted, live)
         if rho > self.config.headroom or rho >= 1.0:
             return False
@@ -156,12 +153,12 @@ class Planner:
         n = self.recent[-1].decode.active
         if n <= 1:
             return False
-        peak, recent = self._peak(load)
+        peak = self._peak(load)
         slots = self._decode_slots()
         decoding = peak.rate * peak.output_tokens * self.config.tpot_target_s
         predicted_ok = slots > 0 and decoding / (n - 1) <= slots
-        running = max(o.decode.running * o.decode.active for o in recent)
-        kv = max(o.decode.kv_use * o.decode.active for o in recent)
+        running = max(o.decode.running * o.decode.active for o in self.recent)
+        kv = max(o.decode.kv_use * o.decode.active for o in self.recent)
         return predicted_ok and running / (n - 1) <= slots and kv / (n - 1) <= KV_HIGH
 
     # ---- one pool ---------------------------------------------------------------------

@@ -154,7 +154,8 @@ class PrefillWorker:
             end_block = -(-(chunk.start + chunk.num_tokens) // bs)
             src = chunk.seq.blocks.block_ids[first_block:end_block]
             dst = ticket.block_ids[first_block:end_block]
-            self._first_sent.setdefault(rid, time.time())
+            if rid not in self._first_sent:
+                self._first_sent[rid] = time.time()
             try:
                 self.sender.send_layer(rid, self.engine.runner.kv_cache, layer, src, dst)
             except KVTransferError as error:  # this request's peer failed: end it, not the worker

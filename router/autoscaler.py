@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from engine.load import load_of
 from planner import (
     AutoscaleConfig,
     Capacity,
@@ -125,12 +126,11 @@ class Autoscaler:
             self._busy_ms[w.name] = (now, ms)
             if last is not None and now > last[0]:
                 busy.append(min(1.0, (ms - last[1]) / 1000 / (now - last[0])))
-            running.append(e.get("running", 0))
-            kv.append(e.get("kv_blocks_used", 0) / max(1, e.get("kv_blocks_total", 1)))
+            load = load_of(e)
+            running.append(load.running)
+            kv.append(load.kv_use)
         return PoolState(
             active=sum(w.state is WorkerState.ACTIVE for w in workers),
-            starting=sum(w.state is WorkerState.STARTING for w in workers),
-            draining=sum(w.state is WorkerState.DRAINING for w in workers),
             busy=_mean(busy),
             running=_mean(running),
             kv_use=_mean(kv),

@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from engine.load import load_of
+
 Workers = Callable[[], list[dict[str, Any]]]
 Recovery = Callable[[], dict[str, Any]]
 _LABELS = ["model_name", "engine", "role"]
@@ -63,11 +65,10 @@ class FleetCollector:
             if "running" not in w:  # no snapshot yet (starting)
                 continue
             labels = [self.model_name, str(w["name"]), str(w.get("role", ""))]
-            running.add_metric(labels, w["running"])
-            queued = w.get("waiting", 0) + w.get("awaiting_kv", 0) + w.get("landed", 0)
-            waiting.add_metric(labels, queued)
-            if w.get("kv_blocks_total"):
-                usage.add_metric(labels, w.get("kv_blocks_used", 0) / w["kv_blocks_total"])
+            load = load_of(w)
+            running.add_metric(labels, load.running)
+            waiting.add_metric(labels, load.waiting)
+            usage.add_metric(labels, load.kv_use)
             for key, family in counters.items():
                 family.add_metric(labels, w.get(key, 0))
         yield from (running, waiting, usage, *counters.values())

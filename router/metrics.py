@@ -190,11 +190,11 @@ class RequestTracker:
     def on_tokens(self, n: int) -> None:
         if n <= 0:
             return
-        now = time.time()
-        itl = self._m.itl_s.labels(*self._labels())
+        now, labels = time.time(), self._labels()
+        itl = self._m.itl_s.labels(*labels)
         if self._last_s is None:
             self._first_s = now
-            self._m.ttft_s.labels(*self._labels()).observe(now - self._arrival_s)
+            self._m.ttft_s.labels(*labels).observe(now - self._arrival_s)
             if self.trace is not None:
                 self.trace.mark("first_token", now)
         else:
@@ -230,14 +230,16 @@ class RequestTracker:
         if self._first_s is not None and self._last_s is not None and self._num_tokens > 1:
             tpot = (self._last_s - self._first_s) / (self._num_tokens - 1)
             m.tpot_s.labels(*labels).observe(tpot)
-        if ok:
-            ttft = None if self._first_s is None else self._first_s - self._arrival_s
-            wait = None if self.trace is None else self.trace.spans().get("reservation")
-            m.window.finished(Finished(time.monotonic(), ttft, tpot, prompt_tokens,
-                                       completion_tokens, wait))  # fmt: skip
+        spans: dict[str, float] = {}
         if self.trace is not None:
             self.trace.mark("finished", now)
-            self._observe_trace(self.trace, labels)
+            spans = self.trace.spans()
+        if ok:
+            ttft = None if self._first_s is None else self._first_s - self._arrival_s
+            m.window.finished(Finished(time.monotonic(), ttft, tpot, prompt_tokens,
+                                       completion_tokens, spans.get("reservation")))  # fmt: skip
+        if self.trace is not None:
+            self._observe_trace(self.trace, labels, spans)
             m.traces.put(self.trace)
             if m.exporter is not None:
                 try:
@@ -245,12 +247,13 @@ class RequestTracker:
                 except Exception as exc:  # noqa: BLE001 - tracing never fails a request
                     log.warning("trace export failed: %r", exc)
 
-    def _observe_trace(self, trace: Trace, labels: tuple[str, str]) -> None:
+    def _observe_trace(
+        self, trace: Trace, labels: tuple[str, str], spans: dict[str, float]
+    ) -> None:
         m = self._m
         for phase, seconds in trace.phases().items():
             m.phase_s[phase].labels(*labels).observe(seconds)
         model = m.model_name
-        spans = trace.spans()
         if "reservation" in spans:
             m.reservation_s.labels(model).observe(spans["reservation"])
         if "kv_transfer" in spans:

@@ -46,7 +46,6 @@ _AFTER = (
     ("decode_queue", "d_landed", "d_scheduled"),
     ("decode", "first_token", "finished"),
 )
-TTFT_HOPS = tuple(dict.fromkeys(h for h, _, _ in _DISAGG_TTFT + _COLOCATED_TTFT))
 
 
 @dataclass(slots=True)
