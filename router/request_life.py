@@ -37,7 +37,13 @@ from router.outputs import Item, outputs_of
 from router.placement import Role
 from router.reserve import reserve
 from router.router_state import Phase, Router, WorkerLost
-from router.routing import PrefillLoad, PrefillPolicy, block_hashes, pick_prefill
+from router.routing import (
+    PrefillLoad,
+    PrefillPolicy,
+    block_hashes,
+    pick_colocated,
+    pick_prefill,
+)
 from router.trace import Trace
 from router.workers import Worker
 
@@ -146,7 +152,9 @@ class RequestLife:
         workers = await fleet.wait_routable(Role.COLOCATED, self.router.reserve_timeout_s)
         if not workers:
             raise UnavailableError("no worker is active; try again later")
-        worker = self.decode = min(workers, key=lambda w: (w.in_flight, rng.random()))
+        by_name = {w.name: w for w in workers}
+        name = pick_colocated([(w.name, w.in_flight) for w in workers], rng)
+        worker = self.decode = by_name[name]
         fleet.enter(worker)
         self.trace.engine = worker.name
         self.phase = Phase.STREAMING

@@ -8,6 +8,7 @@ prefill: `prefix` (default) picks the worker that finishes this prompt soonest:
          so a prompt goes where its prefix is cached until that worker's queue grows by
          more than the prefix is worth; then a second worker takes (and caches) it too.
          `least-loaded`: power of two choices on queued tokens; `random`: uniform.
+colocated: the worker with the fewest requests in flight (ties at random)
 
 The router's view of each prefill worker's prefix cache is a `PrefixIndex`: the
 chained block hashes it sent there, LRU-bounded by that worker's KV capacity.
@@ -76,6 +77,13 @@ def pick_prefill(
         for w in workers
     ]
     return min(keyed)[2]
+
+
+def pick_colocated(in_flight: Sequence[tuple[str, int]], rng: random.Random) -> str:
+    """(name, requests in flight) -> the least busy worker, ties broken at random."""
+    if not in_flight:
+        raise ValueError("no worker to pick from")
+    return min((n, rng.random(), name) for name, n in in_flight)[2]
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:

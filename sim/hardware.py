@@ -209,7 +209,7 @@ def step_cost(
     return StepCost(
         compute_s=flops / (num_gpus_tp * gpu.dense_bf16_tflops * 1e12 * mfu),
         memory_s=hbm_bytes / (num_gpus_tp * gpu.hbm_bandwidth_gbs * 1e9 * mbu),
-        allreduce_s=_allreduce_s(gpu, model, num_gpus_tp, batch_tokens),
+        allreduce_s=allreduce_s(gpu, model, num_gpus_tp, batch_tokens),
         overhead_s=STEP_OVERHEAD_S,
     )
 
@@ -229,7 +229,7 @@ def step_time_s(
     return cost.total_s
 
 
-def _allreduce_s(gpu: GPU, model: Model, tp: int, batch_tokens: int) -> float:
+def allreduce_s(gpu: GPU, model: Model, tp: int, batch_tokens: int) -> float:
     """Megatron-style TP: two all-reduces of the activations per layer (after attention and
     after the MLP); a ring all-reduce sends 2 * (tp - 1) / tp of the buffer per GPU. Not
     overlapped with compute (vLLM does not), bandwidth only (NCCL latency is left out)."""

@@ -1,0 +1,319 @@
+"""The simulated cluster: the router's request path over simulated workers, on a virtual clock.
+
+disaggregated (router.request_life, router.reserve):
+    arrive ──router_s──> admission (router.admission) ──> reserve KV on a decode worker in
+    routing.decode_order (scheduler.reserve_remote); none has room: the line, first come
+    first served, retried with the router's back-off until reserve_timeout_s (then 429)
+    ──> prefill worker by routing.pick_prefill ──rpc_s──> its scheduler (prefill-only)
+    ──last chunk──> KV tail ──> decode worker: first token appended, scheduler.kv_landed;
+    the first token reaches the client rpc_s + deliver_s later (TTFT)
+    ──decode steps──> finished ──deliver_s──> the client has the last token
+colocated: arrive ──router_s──> admission ──> routing.pick_colocated ──rpc_s──> its
+    scheduler does both phases
+
+The workers are sim.worker.SimWorker: the engine's scheduler, timed by a cost model.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import OverloadedError
+from engine.scheduler import SchedulerConfig
+from engine.sequence import FinishReason, Sequence
+from router.admission import AdmissionLimits, PoolLoad, check_decode, check_prefill
+from router.routing import (
+    DecodeLoad,
+    PrefillLoad,
+    PrefillPolicy,
+    decode_order,
+    pick_colocated,
+    pick_prefill,
+)
+from sim.cost import CostModel
+from sim.worker import Event, Role, SimWorker, State, new_sequence
+from sim.workload import SimRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    mode: str = "disaggregated"  # | "colocated"
+    prefill: int = 1  # workers at the start (colocated: the colocated pool's size)
+    decode: int = 1
+    scheduler: SchedulerConfig | None = None  # None: the engine's defaults, cost's KV size
+    policy: PrefillPolicy = PrefillPolicy.PREFIX
+    reserve_timeout_s: float = 30.0
+    admission: AdmissionLimits | None = None  # None: from the engine's limits, as serve does
+    max_tpot_ms: float | None = None  # decode workers' TPOT governor
+    gpus_per_worker: int = 1
+    coalesce: bool = True  # runs of decode steps booked as one event (sim.worker)
+    seed: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """One request as its client saw it."""
+
+    uid: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    first_s: float | None = None
+    end_s: float | None = None
+    error: str = ""
+    reservation_s: float | None = None  # waiting for KV room on a decode worker
+    decode: SimWorker | None = None
+    prefill: SimWorker | None = None
+    seq: Sequence | None = None  # on the decode (or colocated) worker
+    line_since: float | None = None  # joined the line for KV room
+    backoff: float = 0.01
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_s is None else self.first_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.first_s is None or self.end_s is None or self.output_tokens < 2:
+            return None
+        return (self.end_s - self.first_s) / (self.output_tokens - 1)
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, cost: CostModel):
+        self.config, self.cost, self.hops = config, cost, cost.hops  # type: ignore[attr-defined]
+        self.rng = random.Random(config.seed)
+        self.sched = config.scheduler or SchedulerConfig(
+            num_blocks=cost.num_blocks, block_size=cost.block_size
+        )
+        self.admission = config.admission or AdmissionLimits(
+            queued_tokens_per_prefill=max(4 * self.sched.max_num_batched_tokens, 8192),
+            streams_per_decode=self.sched.max_num_seqs,
+        )
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._tie = itertools.count()
+        self.workers: dict[Role, list[SimWorker]] = {r: [] for r in Role}
+        self._names = itertools.count()
+        self.records: list[Record] = []
+        self.line: deque[Record] = deque()  # waiting for KV room, first come first served
+        self.held = 0  # admitted, not ended
+        self.prefill_tokens = 0  # admitted prompt tokens whose prefill has not returned
+        self.listeners: list[Callable[[Record], None]] = []  # told of each ended request
+        self.on_arrival: list[Callable[[float], None]] = []
+        self._arrivals: Iterator[SimRequest] = iter(())
+        colocated = config.mode == "colocated"
+        for role, n in ((Role.COLOCATED, config.prefill),) if colocated else (
+            (Role.PREFILL, config.prefill), (Role.DECODE, config.decode)):  # fmt: skip
+            for _ in range(n):
+                self.add_worker(role, start_s=0.0)
+
+    # ---- the clock ---------------------------------------------------------------------
+    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._heap, (t, next(self._tie), fn, args))
+
+    def run(self, requests: Iterable[SimRequest], until: float | None = None) -> list[Record]:
+        """Offer `requests` (in arrival order) and run until every one has ended."""
+        self._arrivals = iter(requests)
+        self._next_arrival()
+        heap = self._heap
+        while heap:
+            t, _, fn, args = heapq.heappop(heap)
+            if until is not None and t > until:
+                break
+            self.now = t
+            fn(t, *args)
+        return self.records
+
+    def _next_arrival(self) -> None:
+        req = next(self._arrivals, None)
+        if req is not None:
+            self.at(req.arrival_s, self._arrive, req)
+
+    # ---- the fleet ---------------------------------------------------------------------
+    def add_worker(self, role: Role, start_s: float | None = None) -> SimWorker:
+        w = SimWorker(f"{role.value}-{next(self._names)}", role, self.sched, self.cost,
+                      self.at, self._on_events,
+                      self.config.max_tpot_ms if role is Role.DECODE else None,
+                      self.config.coalesce)  # fmt: skip
+        self.workers[role].append(w)
+        delay = self.hops.worker_start_s if start_s is None else start_s
+        if delay > 0:
+            w.state = State.STARTING
+            self.at(self.now + delay, self._activate, w)
+        return w
+
+    def _activate(self, now: float, w: SimWorker) -> None:
+        if w.state is State.STARTING:
+            w.state = State.ACTIVE  # the line's head finds it at its next try
+
+    def drain(self, w: SimWorker) -> None:
+        """No new requests; gone when the last one in flight ends (a starting one: at once)."""
+        w.state = State.DRAINING if w.state is State.ACTIVE else State.GONE
+        self._maybe_gone(w)
+
+    def _maybe_gone(self, w: SimWorker) -> None:
+        if w.state is State.DRAINING and w.in_flight == 0:
+            w.state = State.GONE
+            self.workers[w.role].remove(w)
+        elif w.state is State.GONE and w in self.workers[w.role]:
+            self.workers[w.role].remove(w)
+
+    def active(self, role: Role) -> list[SimWorker]:
+        return [w for w in self.workers[role] if w.state is State.ACTIVE]
+
+    # ---- a request ---------------------------------------------------------------------
+    def _arrive(self, now: float, req: SimRequest) -> None:
+        self._next_arrival()
+        rec = Record(len(self.records), now, req.prompt_tokens, req.output_tokens)
+        self.records.append(rec)
+        for fn in self.on_arrival:
+            fn(now)
+        self.at(now + self.hops.router_s, self._admit, rec)
+
+    def _admit(self, now: float, rec: Record) -> None:
+        colocated = self.config.mode == "colocated"
+        try:
+            if colocated:
+                n = len(self.active(Role.COLOCATED))
+                check_decode(self.admission, PoolLoad(max(1, n), self.held))
+            else:
+                n_p, n_d = len(self.active(Role.PREFILL)), len(self.active(Role.DECODE))
+                load = PoolLoad(max(1, n_p), queued_tokens=self.prefill_tokens)
+                check_prefill(self.admission, load, rec.prompt_tokens)
+                check_decode(
+                    self.admission, PoolLoad(max(1, n_d), self.held, waiting=len(self.line))
+                )
+        except OverloadedError:
+            return self._fail(now, rec, "429")
+        self.held += 1
+        if colocated:
+            return self._colocated(now, rec)
+        self.prefill_tokens += rec.prompt_tokens
+        if self.line or not self._reserve(now, rec):
+            rec.line_since = now
+            self.line.append(rec)
+            if len(self.line) == 1:
+                self.at(now + rec.backoff, self._line_try)
+
+    def _colocated(self, now: float, rec: Record) -> None:
+        workers = self.active(Role.COLOCATED)
+        if not workers:
+            return self._end(now, rec, "503")
+        name = pick_colocated([(w.name, w.in_flight) for w in workers], self.rng)
+        w = next(w for w in workers if w.name == name)
+        w.in_flight += 1
+        rec.decode = w
+        rec.seq = new_sequence(f"r{rec.uid}", rec.uid, rec.prompt_tokens, rec.output_tokens)
+        self.at(now + self.hops.rpc_s, self._submit, w, rec.seq)
+
+    def _submit(self, now: float, w: SimWorker, seq: Sequence) -> None:
+        w.scheduler.add(seq)
+        w.interrupt(now)
+        w.kick(now)
+
+    # ---- disaggregated: reserve, prefill, hand-off ---------------------------------------
+    def _reserve(self, now: float, rec: Record) -> bool:
+        workers = self.active(Role.DECODE)
+        by_name = {w.name: w for w in workers}
+        loads = [DecodeLoad(w.name, w.free_blocks, w.in_flight) for w in workers]
+        seq = new_sequence(f"r{rec.uid}", rec.uid, rec.prompt_tokens, rec.output_tokens)
+        for tries, name in enumerate(decode_order(loads, self.rng), 1):
+            w = by_name[name]
+            if w.scheduler.reserve_remote(seq, rec.prompt_tokens) is not None:
+                w.in_flight += 1
+                rec.decode, rec.seq = w, seq
+                t = now + tries * self.hops.rpc_s
+                rec.reservation_s = t - (now if rec.line_since is None else rec.line_since)
+                self.at(t, self._to_prefill, rec)
+                return True
+        return False
+
+    def _line_try(self, now: float) -> None:
+        """The head of the line tries again (the router's back-off: 10 ms doubling to 250)."""
+        while self.line:
+            rec = self.line[0]
+            if now - (rec.line_since or 0.0) > self.config.reserve_timeout_s:
+                self.line.popleft()
+                self.prefill_tokens -= rec.prompt_tokens
+                self._end(now, rec, "429")
+                continue
+            if not self._reserve(now, rec):
+                self.at(now + rec.backoff, self._line_try)
+                rec.backoff = min(2 * rec.backoff, 0.25)
+                return
+            self.line.popleft()
+
+    def _to_prefill(self, now: float, rec: Record) -> None:
+        workers = self.active(Role.PREFILL)
+        if not workers or rec.seq is None:
+            if rec.decode is not None and rec.seq is not None:
+                rec.decode.scheduler.abort(rec.seq.seq_id)
+            self.prefill_tokens -= rec.prompt_tokens
+            return self._end(now, rec, "503")
+        by_name = {w.name: w for w in workers}
+        loads = [PrefillLoad(w.name, w.queued_tokens) for w in workers]
+        p = by_name[pick_prefill(loads, rec.prompt_tokens, self.config.policy, self.rng)]
+        p.queued_tokens += rec.prompt_tokens
+        p.in_flight += 1
+        rec.prefill = p
+        seq = new_sequence(f"p{rec.uid}", rec.uid, rec.prompt_tokens, rec.output_tokens)
+        seq.prefill_only = True
+        self.at(now + self.hops.rpc_s, self._submit, p, seq)
+
+    def _on_events(self, w: SimWorker, events: list[tuple[Sequence, Event]], now: float) -> None:
+        for seq, ev in events:
+            rec = self.records[int(seq.seq_id[1:])]
+            if ev is Event.PREFILLED:
+                kv = self.hops.kv_tail_s(rec.prompt_tokens, self.cost.layers)  # type: ignore[attr-defined]
+                self.at(now + kv, self._landed, rec, seq)
+            elif ev is Event.FIRST:
+                rec.first_s = now + self.hops.deliver_s
+            else:
+                self._finished(now, rec)
+
+    def _landed(self, now: float, rec: Record, pseq: Sequence) -> None:
+        p, d, seq = rec.prefill, rec.decode, rec.seq
+        assert p is not None and d is not None and seq is not None
+        p.scheduler.release(pseq)
+        p.queued_tokens -= rec.prompt_tokens
+        p.in_flight -= 1
+        self.prefill_tokens -= rec.prompt_tokens
+        self._maybe_gone(p)
+        p.kick(now)  # its KV is free: a prompt waiting for blocks may go now
+        rec.first_s = now + self.hops.rpc_s + self.hops.deliver_s
+        seq.token_ids.append(2)
+        if seq.num_output_tokens >= seq.params.max_tokens:
+            d.scheduler.finish(seq, FinishReason.LENGTH)
+            return self._finished(now, rec)
+        d.scheduler.kv_landed(seq.seq_id, rec.prompt_tokens)
+        d.interrupt(now)
+        d.kick(now)
+
+    # ---- endings -------------------------------------------------------------------------
+    def _finished(self, now: float, rec: Record) -> None:
+        t = now + self.hops.deliver_s
+        if rec.first_s is None:
+            rec.first_s = t
+        self._end(t, rec, "")
+
+    def _end(self, t: float, rec: Record, error: str) -> None:
+        rec.end_s, rec.error = t, error
+        self.held -= 1
+        w = rec.decode
+        if w is not None:
+            w.in_flight -= 1
+            self._maybe_gone(w)
+        for fn in self.listeners:
+            fn(rec)
+
+    def _fail(self, now: float, rec: Record, error: str) -> None:
+        rec.end_s, rec.error = now, error
+        for fn in self.listeners:
+            fn(rec)
