@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import autoscale_report
+from sim.workload import poisson_times
 
 RESULTS = Path("bench/results")
 
@@ -55,17 +56,9 @@ def parse_phases(text: str) -> list[tuple[float, float]]:
 
 
 def arrivals(phases: list[tuple[float, float]], seed: int) -> list[float]:
-    """Poisson arrival times (s from the start) at each phase's rate."""
-    rng, times, start = random.Random(seed), [], 0.0
-    for seconds, rate in phases:
-        t = start
-        while rate > 0:
-            t += rng.expovariate(rate)
-            if t >= start + seconds:
-                break
-            times.append(t)
-        start += seconds
-    return times
+    """Poisson arrival times (s from the start) at each phase's rate: sim.workload draws them,
+    so the simulator can replay the same run."""
+    return list(poisson_times(phases, seed))
 
 
 async def _request(http: Any, base: str, body: dict, rec: dict) -> None:

@@ -25,6 +25,7 @@ from engine.sampler import SampledToken, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulingPolicy
 from engine.sequence import FinishReason, Sequence
+from engine.step_log import StepLog
 from engine.tokenizer import IncrementalDetokenizer
 from engine.tpot_governor import TpotGovernor
 
@@ -124,6 +125,7 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.step_log = StepLog.from_env()
 
     # ---- requests ------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: Seq[int]) -> None:
@@ -250,6 +252,8 @@ class LLMEngine:
         outputs = [self._append(req, tok, t5) for req, tok in zip(reqs, sampled, strict=True)]
         self.stats.step_marks = marks = (t0, t1, t2, t3, t4, t5, time.perf_counter())
         self.stats.busy_s += marks[-1] - t0
+        if self.step_log is not None:
+            self.step_log.record(out.features(), t0, marks[-1] - t0)
         return outputs
 
     def _mark_scheduled(self, out, now: float) -> None:

@@ -82,6 +82,20 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.chunks
 
+    def features(self) -> tuple[int, float, int, int]:
+        """What a step's time depends on: (prompt tokens computed, the sum over them of the
+        context each attends to, sequences decoding, the sum of their lengths). A chunk at
+        or past the prompt's end computes a generated token's KV: a decode."""
+        pt, pc, ds, dc = 0, 0.0, 0, 0
+        for c in self.chunks:
+            if c.start >= c.seq.num_prompt_tokens:
+                ds += c.num_tokens
+                dc += c.start + c.num_tokens
+            else:
+                pt += c.num_tokens
+                pc += c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) / 2
+        return pt, pc, ds, dc
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig):

@@ -35,7 +35,7 @@ from sim.worker import Role, SimWorker, State
 def profile(cost: CostModel) -> Capacity:
     """The capacity engine.profile would measure on one worker with this cost model."""
     prefill = {n: n / cost.step_s(n, n * (n + 1) / 2, 0, 0) for n in PROMPT_LENS}
-    decode = {b: cost.step_s(0, 0.0, b, b * (CONTEXT + 1)) for b in DECODE_BATCHES}
+    decode = {b: cost.step_s(0, 0.0, b, b * (CONTEXT + 2)) for b in DECODE_BATCHES}  # median step
     return Capacity(PrefillProfile(prefill), DecodeProfile(decode))
 
 
@@ -90,6 +90,8 @@ class SimAutoscaler:
             self.cluster.at(now + 1.0, self._sample)
 
     def _tick(self, now: float) -> None:
+        for w in self.cluster.workers[Role.DECODE]:  # fresh snapshots, as the real one asks
+            w.known_free = w.free_at(now)
         decision = self.planner.decide(self.observe(now))
         self.decisions.append(decision)
         if decision.changed:
@@ -108,17 +110,20 @@ class SimAutoscaler:
                                                    cfg.min_requests)  # fmt: skip
         span = now - self._last_t
         self._last_t = now
-        pools = [self._pool(c.workers[r], span) for r in (Role.PREFILL, Role.DECODE)]
+        pools = [self._pool(c.workers[r], span, now) for r in (Role.PREFILL, Role.DECODE)]
         return Observation(now, load, ttft, tpot, pools[0], pools[1], scaling, wait)
 
-    def _pool(self, workers: list[SimWorker], span: float) -> PoolState:
+    def _pool(self, workers: list[SimWorker], span: float, now: float) -> PoolState:
         active = [w for w in workers if w.state is State.ACTIVE]
         busy = []
         for w in active:
+            # busy time so far, the run in flight included (a run of decode steps may span
+            # ticks; the real engine's counter moves every step)
+            so_far = w.busy_s + (now - w.run.start if w.run is not None else 0.0)
             last = self._busy.get(w.name)
-            self._busy[w.name] = w.busy_s
+            self._busy[w.name] = so_far
             if last is not None and span > 0:
-                busy.append(min(1.0, (w.busy_s - last) / span))
+                busy.append(min(1.0, (so_far - last) / span))
         n = max(1, len(active))
         return PoolState(
             active=len(active),

@@ -27,7 +27,13 @@ from typing import Any
 from engine.errors import OverloadedError
 from engine.scheduler import SchedulerConfig
 from engine.sequence import FinishReason, Sequence
-from router.admission import AdmissionLimits, PoolLoad, check_decode, check_prefill
+from router.admission import (
+    AdmissionLimits,
+    PoolLoad,
+    check_decode,
+    check_prefill,
+    default_queued_tokens,
+)
 from router.routing import (
     DecodeLoad,
     PrefillLoad,
@@ -44,7 +50,7 @@ from sim.workload import SimRequest
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     mode: str = "disaggregated"  # | "colocated"
-    prefill: int = 1  # workers at the start (colocated: the colocated pool's size)
+    prefill: int = 1  # workers at the start (colocated: prefill + decode, as serve counts)
     decode: int = 1
     scheduler: SchedulerConfig | None = None  # None: the engine's defaults, cost's KV size
     policy: PrefillPolicy = PrefillPolicy.PREFIX
@@ -53,6 +59,7 @@ class ClusterConfig:
     max_tpot_ms: float | None = None  # decode workers' TPOT governor
     gpus_per_worker: int = 1
     coalesce: bool = True  # runs of decode steps booked as one event (sim.worker)
+    shared_host: bool = False  # every worker on one host (this CPU machine): cost.host_factor
     seed: int = 0
 
 
@@ -71,7 +78,8 @@ class Record:
     decode: SimWorker | None = None
     prefill: SimWorker | None = None
     seq: Sequence | None = None  # on the decode (or colocated) worker
-    line_since: float | None = None  # joined the line for KV room
+    routed_s: float | None = None  # first tried for KV room
+    head_since: float | None = None  # at the head of the line (its deadline runs from here)
     backoff: float = 0.01
 
     @property
@@ -92,15 +100,17 @@ class Cluster:
         self.sched = config.scheduler or SchedulerConfig(
             num_blocks=cost.num_blocks, block_size=cost.block_size
         )
-        self.admission = config.admission or AdmissionLimits(
-            queued_tokens_per_prefill=max(4 * self.sched.max_num_batched_tokens, 8192),
+        self.admission = config.admission or AdmissionLimits(  # as router.pools makes them
+            queued_tokens_per_prefill=default_queued_tokens(self.sched.max_num_batched_tokens,
+                                                            None),
             streams_per_decode=self.sched.max_num_seqs,
-        )
+        )  # fmt: skip
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._tie = itertools.count()
         self.workers: dict[Role, list[SimWorker]] = {r: [] for r in Role}
         self._names = itertools.count()
+        self._host: list[SimWorker] = []  # shared_host: every worker, the gone ones removed
         self.records: list[Record] = []
         self.line: deque[Record] = deque()  # waiting for KV room, first come first served
         self.held = 0  # admitted, not ended
@@ -109,7 +119,7 @@ class Cluster:
         self.on_arrival: list[Callable[[float], None]] = []
         self._arrivals: Iterator[SimRequest] = iter(())
         colocated = config.mode == "colocated"
-        for role, n in ((Role.COLOCATED, config.prefill),) if colocated else (
+        for role, n in ((Role.COLOCATED, config.prefill + config.decode),) if colocated else (
             (Role.PREFILL, config.prefill), (Role.DECODE, config.decode)):  # fmt: skip
             for _ in range(n):
                 self.add_worker(role, start_s=0.0)
@@ -143,6 +153,9 @@ class Cluster:
                       self.config.max_tpot_ms if role is Role.DECODE else None,
                       self.config.coalesce)  # fmt: skip
         self.workers[role].append(w)
+        if self.config.shared_host:
+            w.host = self._host
+            self._host.append(w)
         delay = self.hops.worker_start_s if start_s is None else start_s
         if delay > 0:
             w.state = State.STARTING
@@ -161,9 +174,10 @@ class Cluster:
     def _maybe_gone(self, w: SimWorker) -> None:
         if w.state is State.DRAINING and w.in_flight == 0:
             w.state = State.GONE
+        if w.state is State.GONE and w in self.workers[w.role]:
             self.workers[w.role].remove(w)
-        elif w.state is State.GONE and w in self.workers[w.role]:
-            self.workers[w.role].remove(w)
+            if w in self._host:
+                self._host.remove(w)
 
     def active(self, role: Role) -> list[SimWorker]:
         return [w for w in self.workers[role] if w.state is State.ACTIVE]
@@ -196,11 +210,11 @@ class Cluster:
         if colocated:
             return self._colocated(now, rec)
         self.prefill_tokens += rec.prompt_tokens
-        if self.line or not self._reserve(now, rec):
-            rec.line_since = now
+        rec.routed_s = now
+        if self.line or not self._reserve(now, rec):  # nobody waiting: a try at once
             self.line.append(rec)
             if len(self.line) == 1:
-                self.at(now + rec.backoff, self._line_try)
+                self.at(now, self._line_try)
 
     def _colocated(self, now: float, rec: Record) -> None:
         workers = self.active(Role.COLOCATED)
@@ -222,33 +236,43 @@ class Cluster:
     def _reserve(self, now: float, rec: Record) -> bool:
         workers = self.active(Role.DECODE)
         by_name = {w.name: w for w in workers}
-        loads = [DecodeLoad(w.name, w.free_blocks, w.in_flight) for w in workers]
+        loads = [DecodeLoad(w.name, w.known_free, w.in_flight) for w in workers]
         seq = new_sequence(f"r{rec.uid}", rec.uid, rec.prompt_tokens, rec.output_tokens)
         for tries, name in enumerate(decode_order(loads, self.rng), 1):
             w = by_name[name]
-            if w.scheduler.reserve_remote(seq, rec.prompt_tokens) is not None:
-                w.in_flight += 1
-                rec.decode, rec.seq = w, seq
-                t = now + tries * self.hops.rpc_s
-                rec.reservation_s = t - (now if rec.line_since is None else rec.line_since)
-                self.at(t, self._to_prefill, rec)
-                return True
+            if not w.room_for(-(-rec.prompt_tokens // w.config.block_size)):
+                w.interrupt(now)  # its run's started steps take their blocks first
+            if w.scheduler.reserve_remote(seq, rec.prompt_tokens) is None:
+                w.known_free = 0  # as router.reserve notes a refusal
+                continue
+            w.known_free = w.free_at(now)  # the ticket's free blocks
+            w.in_flight += 1
+            rec.decode, rec.seq = w, seq
+            t = now + tries * self.hops.rpc_s
+            rec.reservation_s = t - (now if rec.routed_s is None else rec.routed_s)
+            self.at(t, self._to_prefill, rec)
+            return True
         return False
 
     def _line_try(self, now: float) -> None:
-        """The head of the line tries again (the router's back-off: 10 ms doubling to 250)."""
+        """The line, as router.reserve runs it: the head tries at once when it gets there,
+        then after 10 ms doubling to 250 ms; its deadline (reserve_timeout_s) runs from
+        reaching the head, checked after each failed try (then 429)."""
         while self.line:
             rec = self.line[0]
-            if now - (rec.line_since or 0.0) > self.config.reserve_timeout_s:
+            if rec.head_since is None:
+                rec.head_since = now
+            if self._reserve(now, rec):
+                self.line.popleft()
+                continue
+            if now > rec.head_since + self.config.reserve_timeout_s:
                 self.line.popleft()
                 self.prefill_tokens -= rec.prompt_tokens
                 self._end(now, rec, "429")
                 continue
-            if not self._reserve(now, rec):
-                self.at(now + rec.backoff, self._line_try)
-                rec.backoff = min(2 * rec.backoff, 0.25)
-                return
-            self.line.popleft()
+            self.at(now + rec.backoff, self._line_try)
+            rec.backoff = min(2 * rec.backoff, 0.25)
+            return
 
     def _to_prefill(self, now: float, rec: Record) -> None:
         workers = self.active(Role.PREFILL)
@@ -289,9 +313,9 @@ class Cluster:
         p.kick(now)  # its KV is free: a prompt waiting for blocks may go now
         rec.first_s = now + self.hops.rpc_s + self.hops.deliver_s
         seq.token_ids.append(2)
-        if seq.num_output_tokens >= seq.params.max_tokens:
+        if seq.num_output_tokens >= seq.params.max_tokens:  # one token: it was the last
             d.scheduler.finish(seq, FinishReason.LENGTH)
-            return self._finished(now, rec)
+            return self._end(rec.first_s, rec, "")
         d.scheduler.kv_landed(seq.seq_id, rec.prompt_tokens)
         d.interrupt(now)
         d.kick(now)

@@ -1,14 +1,16 @@
 """What a simulated step and a simulated request's hops cost.
 
-A step is described by four numbers, whatever the scheduler put in it:
+A step is described by four numbers, whatever the scheduler put in it
+(engine.scheduler.SchedulerOutput.features):
     prefill_tokens  prompt tokens computed this step
     prefill_ctx     sum over those tokens of the context each attends to (its position + 1)
     decode_seqs     sequences computing one token each
     decode_ctx      sum of those sequences' lengths (the KV their attention reads)
 
 Two models answer `step_s`:
-  - `FittedCost`: linear in the four, plus a fixed cost, fitted by least squares to steps of
-    the real engine measured on this machine (bench/sim_fit.py measures; `fit` solves).
+  - `FittedCost`: linear in the four, plus a fixed cost and one more for a step holding any
+    prompt tokens, fitted by least squares to steps of the real engine measured on this
+    machine (bench/sim_fit.py times them or reads the serving workers' step logs; `fit`).
   - `RooflineCost`: a GPU target from published figures (sim.hardware): the larger of compute
     and HBM traffic at assumed MFU / MBU, plus tensor-parallel all-reduce and a fixed cost.
 
@@ -27,7 +29,7 @@ from typing import Any, Protocol
 from engine.errors import InvalidRequestError
 from sim import hardware
 
-TERMS = ("fixed", "prefill_tokens", "prefill_ctx", "decode_seqs", "decode_ctx")
+TERMS = ("fixed", "prefill_step", "prefill_tokens", "prefill_ctx", "decode_seqs", "decode_ctx")
 
 
 class CostModel(Protocol):
@@ -37,6 +39,8 @@ class CostModel(Protocol):
     def step_s(
         self, prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int
     ) -> float: ...
+
+    def host_factor(self, stepping: int) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +72,24 @@ class FittedCost:
     block_size: int = 16
     layers: int = 1
     hops: Hops = field(default_factory=Hops)
+    # Workers sharing one host (the CPU machine here): a step runs `host_share` x slower
+    # while another worker of the host steps too, and k/host_slots x slower again when k
+    # workers step at once on host_slots cores' worth of threads.
+    host_share: float = 1.0
+    host_slots: int = 2
     source: str = ""  # what was measured, where, when
+
+    def __post_init__(self) -> None:
+        unknown = set(self.coef) - set(TERMS)
+        if unknown:
+            raise InvalidRequestError(f"unknown cost terms {sorted(unknown)}; known: {TERMS}")
+        self.coef = {t: float(self.coef.get(t, 0.0)) for t in TERMS}
+
+    def host_factor(self, stepping: int) -> float:
+        """How much slower a step runs while `stepping` workers of its host step."""
+        if stepping <= 1:
+            return 1.0
+        return self.host_share * max(1.0, stepping / self.host_slots)
 
     def step_s(
         self, prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int
@@ -76,6 +97,7 @@ class FittedCost:
         c = self.coef
         return (
             c["fixed"]
+            + (c["prefill_step"] if prefill_tokens else 0.0)
             + c["prefill_tokens"] * prefill_tokens
             + c["prefill_ctx"] * prefill_ctx
             + c["decode_seqs"] * decode_seqs
@@ -85,7 +107,8 @@ class FittedCost:
     def to_json(self) -> dict[str, Any]:
         return {"kind": "fitted", "coef": self.coef, "num_blocks": self.num_blocks,
                 "block_size": self.block_size, "layers": self.layers,
-                "hops": asdict(self.hops), "source": self.source}  # fmt: skip
+                "hops": asdict(self.hops), "host_share": self.host_share,
+                "host_slots": self.host_slots, "source": self.source}  # fmt: skip
 
     @staticmethod
     def load(path: Path) -> FittedCost:
@@ -93,9 +116,13 @@ class FittedCost:
             data = json.loads(Path(path).read_text())
             known = {f.name for f in fields(Hops)}
             hops = Hops(**{k: v for k, v in data.get("hops", {}).items() if k in known})
-            coef = {t: float(data["coef"][t]) for t in TERMS}
+            coef = {t: float(data["coef"].get(t, 0.0)) for t in TERMS}
+            if not data["coef"]:
+                raise ValueError("no coefficients")
             return FittedCost(coef, int(data["num_blocks"]), int(data.get("block_size", 16)),
-                              int(data.get("layers", 1)), hops, data.get("source", ""))  # fmt: skip
+                              int(data.get("layers", 1)), hops,
+                              float(data.get("host_share", 1.0)), int(data.get("host_slots", 2)),
+                              data.get("source", ""))  # fmt: skip
         except OSError as exc:
             raise InvalidRequestError(f"cannot read cost model {path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -103,15 +130,18 @@ class FittedCost:
 
 
 def features(prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int):
-    return (1.0, float(prefill_tokens), float(prefill_ctx), float(decode_seqs), float(decode_ctx))
+    return (1.0, float(prefill_tokens > 0), float(prefill_tokens), float(prefill_ctx),
+            float(decode_seqs), float(decode_ctx))  # fmt: skip
 
 
 def fit(rows: list[tuple[tuple[float, ...], float]]) -> dict[str, float]:
-    """Least squares of step seconds on the terms, no coefficient below zero (a term that
-    would come out negative is dropped and the rest refitted)."""
+    """Least squares of step seconds on the terms, in relative error (each row divided by
+    its time: a 40 ms decode step counts as much as a 1.5 s prefill), no coefficient below
+    zero (a term that would come out negative is dropped and the rest refitted)."""
     active = list(range(len(TERMS)))
     while True:
-        sol = _lstsq([[x[i] for i in active] for x, _ in rows], [y for _, y in rows])
+        xs = [[x[i] / y for i in active] for x, y in rows]
+        sol = _lstsq(xs, [1.0] * len(rows))
         if all(v >= 0 for v in sol) or len(active) == 1:
             coef = dict.fromkeys(TERMS, 0.0)
             for i, v in zip(active, sol, strict=True):
@@ -176,6 +206,9 @@ class RooflineCost:
     @property
     def layers(self) -> int:
         return self.model.layers
+
+    def host_factor(self, stepping: int) -> float:
+        return 1.0  # a GPU worker has its GPUs to itself
 
     def step_s(
         self, prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int

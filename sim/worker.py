@@ -12,7 +12,7 @@ sequence computes one token, none finishes before the k-th (k = the fewest token
 them has left). The worker then books the k steps as one event and applies the scheduler's
 own bookkeeping (grow, computed count, publish, the tokens) k times over at its end. New
 work cuts a run short at the end of the step in flight, where the real engine would see
-it. tests/unit/test_sim_worker.py checks a run against k single steps.
+it. tests/unit/test_sim.py checks a run against k single steps, state and times.
 """
 
 from __future__ import annotations
@@ -58,15 +58,7 @@ def params_for(max_tokens: int) -> SamplingParams:
 
 def chunk_features(out: SchedulerOutput) -> tuple[int, float, int, int]:
     """(prefill tokens, their summed context, decode sequences, their summed context)."""
-    pt, pc, ds, dc = 0, 0.0, 0, 0
-    for c in out.chunks:
-        if c.start >= c.seq.num_prompt_tokens:  # computing a generated token's KV: decode
-            ds += c.num_tokens
-            dc += c.start + c.num_tokens
-        else:
-            pt += c.num_tokens
-            pc += c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) / 2
-    return pt, pc, ds, dc
+    return out.features()
 
 
 @dataclass(slots=True)
@@ -77,6 +69,7 @@ class _Run:
     first_s: float  # the first step's time
     last_s: float  # the last step's (contexts grow by one a step: linear in between)
     version: int
+    need: int = 0  # blocks its later steps will still take (grown at its end)
 
     def end(self, j: int) -> float:
         """Time from the start to the end of step j (1-based)."""
@@ -118,10 +111,13 @@ class SimWorker:
     queued_tokens: int = 0  # the router's view: prompt tokens sent here, not yet prefilled
     in_flight: int = 0  # the router's view: requests here, not yet ended
     run: _Run | None = None
+    host: list[SimWorker] | None = None  # the workers sharing this one's host (CPU)
+    known_free: int = 0  # the router's view of its free blocks (router.workers.Worker)
     _version: int = 0
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(self.config)
+        self.known_free = self.config.num_blocks
         self.governor = (
             TpotGovernor(self.max_tpot_ms, self.config.max_num_seqs) if self.max_tpot_ms else None
         )
@@ -148,19 +144,32 @@ class SimWorker:
         j = min(run.steps, run.steps_done_by(now - run.start) + 1)
         if j < run.steps:
             self._version += 1
+            slope = (run.last_s - run.first_s) / (run.steps - 1)
             run.steps, run.version = j, self._version
+            run.last_s = run.first_s + slope * (j - 1)
             self.at(run.start + run.end(j), self._done, run.version)
+        # steps 1..j have started by now: their blocks are taken, as the real engine's
+        # schedule() takes them at the start of each step (a reservation made now sees it)
+        for c in run.out.chunks:
+            self.scheduler.kv.grow(c.seq.blocks, c.seq.num_computed_tokens + j)
+        run.need = 0
 
     def _start(self, now: float) -> None:
         out = self.scheduler.schedule()
         if out.is_empty:
             return
         pt, pc, ds, dc = chunk_features(out)
-        first = self.cost.step_s(pt, pc, ds, dc)
+        slow = 1.0
+        if self.host is not None:
+            slow = self.cost.host_factor(1 + sum(w.run is not None for w in self.host))
+            self._neighbours_changed(now)
+        first = slow * self.cost.step_s(pt, pc, ds, dc)
         k = self._run_length(out) if pt == 0 else 1
-        last = self.cost.step_s(0, 0.0, ds, dc + (k - 1) * ds) if k > 1 else first
+        last = slow * self.cost.step_s(0, 0.0, ds, dc + (k - 1) * ds) if k > 1 else first
         self._version += 1
         self.run = _Run(out, now, k, first, last, self._version)
+        if k > 1:
+            self.run.need = self._blocks_for(out, k)
         self.at(now + self.run.end(k), self._done, self._version)
 
     def _run_length(self, out: SchedulerOutput) -> int:
@@ -171,20 +180,40 @@ class SimWorker:
             return 1
         if len(out.chunks) != len(s.running):
             return 1
+        if any(c.num_tokens != 1 or not c.samples for c in out.chunks):
+            return 1  # a chunk of a recomputed sequence: not a plain decode
         seqs = [c.seq for c in out.chunks]
         k = min(
             min(q.params.max_tokens - q.num_output_tokens, cfg.max_model_len - q.num_tokens)
             for q in seqs
         )
-        free, bs = s.allocator.num_free, cfg.block_size
-        while k > 1:
-            need = sum(
-                -(-(q.num_computed_tokens + k) // bs) - len(q.blocks.block_ids) for q in seqs
-            )
-            if need <= free:
-                break
+        free = s.allocator.num_free
+        while k > 1 and self._blocks_for(out, k) > free:
             k //= 2
         return max(1, k)
+
+    def _blocks_for(self, out: SchedulerOutput, k: int) -> int:
+        """Blocks k steps of these decodes take beyond what the sequences hold now."""
+        bs = self.config.block_size
+        return sum(
+            -(-(c.seq.num_computed_tokens + k) // bs) - len(c.seq.blocks.block_ids)
+            for c in out.chunks
+        )
+
+    def free_at(self, now: float) -> int:
+        """Free blocks as the real engine has them at `now`: a run's started steps have
+        taken theirs (the simulator grows them at the run's end)."""
+        run = self.run
+        if run is None or not run.need:
+            return self.free_blocks
+        j = min(run.steps, run.steps_done_by(now - run.start) + 1)
+        return self.free_blocks - self._blocks_for(run.out, j)
+
+    def room_for(self, blocks: int) -> bool:
+        """Whether `blocks` more can be taken now without the run in flight running short
+        (else: cut the run to the step in flight first, as `interrupt`)."""
+        run = self.run
+        return run is None or self.free_blocks - blocks >= run.need
 
     def _done(self, now: float, version: int) -> None:
         run = self.run
@@ -201,6 +230,15 @@ class SimWorker:
         if events:
             self.notify(self, events, now)
         self._start(now)
+        if self.run is None and self.host is not None:
+            self._neighbours_changed(now)  # idle now: the others' steps speed up
+
+    def _neighbours_changed(self, now: float) -> None:
+        """This worker started or stopped stepping: the others of its host end their runs
+        with the step in flight, so their next steps are timed with the host as it is."""
+        for w in self.host or ():
+            if w is not self and w.run is not None and w.run.steps > 1:
+                w.interrupt(now)
 
     def _advance(self, seqs: list[Sequence], run: _Run) -> None:
         """The scheduler's bookkeeping for steps 2..k of a run: each sequence gets its last
@@ -244,7 +282,9 @@ class SimWorker:
 
 def new_sequence(seq_id: str, uid: int, prompt_tokens: int, output_tokens: int) -> Sequence:
     """A prompt of `prompt_tokens` ids that shares no block with another request's (its first
-    id is the request's own number), so the prefix cache hits only where a workload says."""
+    id is the request's own number): the simulated workloads have no shared prefixes, so the
+    prefix cache never hits across requests, and the router's prefix index (which the
+    simulator does not keep) would add nothing to the prefill choice."""
     ids = [TOKEN] * prompt_tokens
     ids[0] = 100 + uid
     return Sequence(seq_id, ids, params_for(output_tokens))

@@ -1,7 +1,7 @@
-"""The `splitserve` command line: serve, status, top, scale, generate (offline), bench.
+"""The `splitserve` command line: serve, status, top, scale, generate (offline), bench, sim, plan.
 
 A thin entry: each subcommand parses its arguments and hands them to router
-(serve, status, scale), splitserve.top (top), bench or engine (generate); no package
+(serve, status, scale), splitserve.top (top), bench, sim (sim, plan) or engine (generate); no package
 imports this one.
 
 Bad input ends with one line on stderr (`error: ...`) and exit status 2,
@@ -167,6 +167,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         prefix_bench,
         serve_bench,
         serving,
+        sim_fit,
+        sim_validate,
         step_profile,
         sweep,
     )
@@ -232,11 +234,38 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             step_profile.add_args,
             step_profile.run,
         ),
+        (
+            "sim-fit",
+            "time the engine's steps here and fit the simulator's CPU cost model",
+            sim_fit.add_args,
+            sim_fit.run,
+        ),
+        (
+            "sim-validate",
+            "the same workloads on the real system and in the simulator, with the error",
+            sim_validate.add_args,
+            sim_validate.run,
+        ),
     ]
     for name, help_text, add_args, run in commands:
         parser = bench_sub.add_parser(name, help=help_text)
         add_args(parser)
         parser.set_defaults(func=run)
+
+
+def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.commands import add_plan_args, add_sim_args, run_plan, run_sim
+
+    sim = sub.add_parser(
+        "sim", help="simulate a cluster: the real scheduler, routing and autoscaler, virtual clock"
+    )
+    add_sim_args(sim)
+    sim.set_defaults(func=run_sim)
+    plan = sub.add_parser(
+        "plan", help="the cheapest prefill/decode counts that hold an SLO, vs colocated"
+    )
+    add_plan_args(plan)
+    plan.set_defaults(func=run_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_top(sub)
     _add_scale(sub)
     _add_bench(sub)
+    _add_sim(sub)
     return parser
 
 

@@ -1,0 +1,292 @@
+"""`splitserve bench sim-validate`: the same workloads on the real system and in the simulator,
+side by side, with the error of each figure.
+
+    calibrate   per mode, a calibration load (lengths drawn from ranges, not the validation
+                workloads'): the serving workers log every engine step (SPLITSERVE_STEP_LOG)
+                and the cost model is fitted to those steps (bench.sim_fit), so it carries
+                the workers' threads, their neighbours on the 2 cores and their per-layer KV
+                hooks; the fixed cost per request outside the steps (HTTP, Ray calls,
+                loopback) is the median over requests of the real TTFT minus the simulated
+                one with no such cost: the simulated router_s for that mode
+    cost model  --cost (bench sim-fit's file): its KV and block sizes
+    validate    each workload x mode: a real `splitserve serve` (1 prefill + 1 decode, or 2
+                colocated workers), Poisson arrivals, streamed; then the simulator on the
+                same arrival times and lengths (sim.workload draws them as this does)
+    ramp        `--ramp RESULT.json` from `splitserve bench autoscale`: the simulator runs
+                the same phases with the autoscaler on; workers per pool over time side by
+                side (a new worker's start-up time is read off the real run's polls)
+
+Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.sim_fit import fit_logged
+from engine.step_log import ENV as STEP_ENV
+from sim.cluster import ClusterConfig
+from sim.cost import FittedCost
+from sim.report import errors, summarize
+from sim.simulate import SimResult, simulate
+from sim.workload import SimRequest, generate, parse_length, poisson_times
+
+RESULTS = Path("bench/results")
+MODES = {
+    "disaggregated": ["--prefill", "1", "--decode", "1"],
+    "colocated": ["--mode", "colocated", "--prefill", "1", "--decode", "1"],
+}
+# lengths as sim.workload reads them: N, LO-HI (uniform)
+# two phases: many short sequences decoding, then few long ones (so the fit can tell the
+# cost of a sequence from the cost of its context)
+CALIBRATION = [
+    {"prompt": "16-96", "output": "64-256", "rate": 1.5, "seconds": 60},
+    {"prompt": "256-1024", "output": "8-128", "rate": 0.8, "seconds": 60},
+]
+WORKLOADS = {
+    "chat": {"prompt": "256", "output": "64", "rate": 1.5, "seconds": 100},
+    "prefill-heavy": {"prompt": "1024", "output": "16", "rate": 0.7, "seconds": 120},
+    "decode-heavy": {"prompt": "64", "output": "256", "rate": 1.0, "seconds": 100},
+}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cost", type=Path, default=RESULTS / "sim_cost.json",
+                   help="bench sim-fit's model: its KV size and block size are kept")  # fmt: skip
+    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    p.add_argument("--ttft-ms", type=float, default=1000.0, help="SLO for goodput")
+    p.add_argument("--tpot-ms", type=float, default=75.0, help="SLO for goodput")
+    p.add_argument("--ramp", type=Path, default=None, help="a `bench autoscale` result JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "sim_validate.json")
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="run only the calibration loads again, then --rescore",
+    )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no real runs: simulate again against --out's saved real records and calibration",
+    )
+
+
+def requests_of(w: dict | list[dict], seed: int) -> list[SimRequest]:
+    """A workload's requests (a list: phases one after another, each its own lengths)."""
+    out: list[SimRequest] = []
+    start = 0.0
+    for i, p in enumerate(w if isinstance(w, list) else [w]):
+        times = poisson_times([(p["seconds"], p["rate"])], seed + i)
+        for r in generate(times, parse_length(p["prompt"]), parse_length(p["output"]), seed + i):
+            out.append(SimRequest(start + r.arrival_s, r.prompt_tokens, r.output_tokens))
+        start += p["seconds"]
+    return out
+
+
+async def _one(http: Any, base: str, body: dict, rec: dict, t0: float) -> None:
+    start = time.monotonic()
+    times = []
+    try:
+        async with http.stream("POST", f"{base}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                rec["error"] = f"HTTP {resp.status_code}"
+                return
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {") and '"text"' in line:
+                    times.append(time.monotonic())
+    except Exception as exc:  # noqa: BLE001 - a failed request is a data point
+        rec["error"] = repr(exc)
+        return
+    if times:
+        rec["ttft_s"] = times[0] - start
+        rec["tpot_s"] = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    rec["end"] = time.monotonic() - t0
+
+
+async def _drive(base: str, reqs: list[SimRequest], seed: int) -> list[dict]:
+    """Each request at its arrival time, streamed; records as sim.report reads them."""
+    import httpx
+
+    rng = random.Random(seed + 1)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        model = (await http.get(f"{base}/v1/models")).json()["data"][0]["id"]
+        t0, tasks, records = time.monotonic(), [], []
+        for r in reqs:
+            await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
+            rec = {"arrival": r.arrival_s, "ttft_s": None, "tpot_s": None, "error": ""}
+            records.append(rec)
+            body = {"model": model, "prompt": [rng.randrange(1, 49152) for _ in
+                    range(r.prompt_tokens)], "max_tokens": r.output_tokens, "ignore_eos": True,
+                    "stream": True, "temperature": 0.0}  # fmt: skip
+            tasks.append(asyncio.create_task(_one(http, base, body, rec, t0)))
+        await asyncio.gather(*tasks)
+    return records
+
+
+def _real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:
+    """`reqs` on a real server in `mode` (after two warm-up requests); the client's records.
+    `steps`: the workers log every engine step there."""
+    from bench.server_process import ServerProcess
+
+    env = {**os.environ, **({STEP_ENV: str(steps)} if steps else {})}
+    with ServerProcess(*MODES[mode], env=env) as srv:
+        asyncio.run(_drive(srv.base, [SimRequest(0.0, 16, 4), SimRequest(0.1, 16, 4)], seed))
+        if steps is not None:  # the warm-up's steps are not the workload's
+            for f in steps.glob("steps-*.jsonl"):
+                f.write_text("")
+        return asyncio.run(_drive(srv.base, reqs, seed))
+
+
+def _sim(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
+         args: argparse.Namespace) -> SimResult:  # fmt: skip
+    cfg = ClusterConfig(mode=mode, prefill=1, decode=1, shared_host=True, seed=seed)
+    return simulate(cost, cfg, reqs, args.ttft_ms / 1000, args.tpot_ms / 1000)
+
+
+def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[FittedCost, dict]:
+    """Fit the cost model to the workers' own steps under the calibration load, then the
+    fixed cost per request outside the steps."""
+    steps = RESULTS / f"sim_steps_{mode}"
+    shutil.rmtree(steps, ignore_errors=True)
+    real = _real(mode, requests_of(CALIBRATION, args.seed + 100), args.seed + 100, steps)
+    return calibrated(base, mode, real, steps, args)
+
+
+def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
+               args: argparse.Namespace) -> tuple[FittedCost, dict]:  # fmt: skip
+    """The cost model fitted to the logged steps; router_s: the median over the calibration
+    requests of the real TTFT minus the simulated one with no cost outside the steps."""
+    reqs = requests_of(CALIBRATION, args.seed + 100)
+    hops = dataclasses.replace(base.hops, router_s=0.0, rpc_s=0.0, deliver_s=0.0)
+    fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
+                              f"serving workers' steps, {mode}, calibration load")  # fmt: skip
+    sim = _sim(fitted, mode, reqs, args.seed + 100, args)
+    gaps = [r["ttft_s"] - s.ttft_s for r, s in zip(real, sim.records, strict=True)
+            if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
+    fixed = max(0.0, statistics.median(gaps))
+    tuned = dataclasses.replace(fitted, hops=dataclasses.replace(hops, router_s=fixed))
+    errs = [tuned.step_s(*f) / dt - 1 for f, dt in rows]
+    return tuned, {"router_s": fixed, "coef": tuned.coef, "host_share": tuned.host_share,
+                   "steps": len(rows), "step_fit_error_median":
+                   statistics.median(abs(e) for e in errs), "real_rows": real}  # fmt: skip
+
+
+def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
+    """The saved real records and calibrations, simulated again (after a change to the
+    simulator, or for another SLO)."""
+    out = json.loads(args.out.read_text())
+    slo = (args.ttft_ms / 1000, args.tpot_ms / 1000)
+    out["slo_ms"] = [args.ttft_ms, args.tpot_ms]
+    costs = {}
+    for mode, cal in list(out["calibration"].items()):
+        costs[mode], out["calibration"][mode] = calibrated(
+            base, mode, cal["real_rows"], RESULTS / f"sim_steps_{mode}", args
+        )
+        print(f"{mode}: host_share {costs[mode].host_share:.3f}, router_s "
+              f"{costs[mode].hops.router_s:.4f}")  # fmt: skip
+    for e in out["runs"]:
+        reqs = requests_of(WORKLOADS[e["workload"]], args.seed)
+        e["real"] = summarize(e["real_rows"], *slo)
+        e["sim"] = _sim(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
+        e["error"] = errors(e["real"], e["sim"])
+    if args.ramp is not None and "disaggregated" in costs:
+        from bench.sim_ramp import compare_ramp
+
+        out["ramp"] = compare_ramp(costs["disaggregated"], args.ramp)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    base = FittedCost.load(args.cost)
+    if args.recalibrate:  # new calibration runs; the saved validation runs are kept
+        saved = json.loads(args.out.read_text())
+        for mode in args.modes:
+            _, saved["calibration"][mode] = calibrate(base, mode, args)
+        _write(args.out, saved)
+    if args.rescore or args.recalibrate:
+        return _report(args, rescore(args, base))
+    slo = (args.ttft_ms / 1000, args.tpot_ms / 1000)
+    out: dict[str, Any] = {"cost": str(args.cost), "slo_ms": [args.ttft_ms, args.tpot_ms],
+                           "calibration": {}, "runs": []}  # fmt: skip
+    fitted: dict[str, FittedCost] = {}
+    for mode in args.modes:
+        cost, cal = calibrate(base, mode, args)
+        fitted[mode] = cost
+        out["calibration"][mode] = cal
+        print(
+            f"{mode}: calibration router_s {cal['router_s']:.4f}, {cal['steps']} steps, "
+            f"fit error median {100 * cal['step_fit_error_median']:.1f}%",
+            flush=True,
+        )
+        for name in args.workloads:
+            w = WORKLOADS[name]
+            reqs = requests_of(w, args.seed)
+            rows = _real(mode, reqs, args.seed)
+            real = summarize(rows, *slo)
+            res = _sim(cost, mode, reqs, args.seed, args)
+            entry = {"workload": name, "mode": mode, **w, "real": real, "sim": res.summary,
+                     "error": errors(real, res.summary), "real_rows": rows}  # fmt: skip
+            out["runs"].append(entry)
+            print(format_row(entry), flush=True)
+            _write(args.out, out)
+    if args.ramp is not None:
+        from bench.sim_ramp import compare_ramp
+
+        out["ramp"] = compare_ramp(fitted.get("disaggregated", base), args.ramp)
+    return _report(args, out)
+
+
+def _report(args: argparse.Namespace, out: dict[str, Any]) -> int:
+    _write(args.out, out)
+    print(format_table(out))
+    if "ramp" in out:
+        from bench.sim_ramp import format_ramp
+
+        print(format_ramp(out["ramp"]))
+    return 0
+
+
+def _write(path: Path, out: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+KEYS = (("ttft_p50_ms", "TTFT p50"), ("ttft_p90_ms", "TTFT p90"), ("tpot_p50_ms", "TPOT p50"),
+        ("tpot_p90_ms", "TPOT p90"), ("goodput_rps", "goodput"))  # fmt: skip
+
+
+def _cell(real: Any, sim: Any, err: Any, key: str) -> str:
+    if real is None or sim is None:
+        return "-"
+    unit = "" if key == "goodput_rps" else ""
+    fmt = "{:.2f}" if key == "goodput_rps" else "{:.0f}"
+    e = "" if err is None else f" ({100 * err:+.0f}%)"
+    return f"{fmt.format(real)}{unit} / {fmt.format(sim)}{e}"
+
+
+def format_row(e: dict) -> str:
+    cells = [_cell(e["real"].get(k), e["sim"].get(k), e["error"].get(k), k) for k, _ in KEYS]
+    return f"| {e['workload']} | {e['mode']} | " + " | ".join(cells) + " |"
+
+
+def format_table(out: dict) -> str:
+    head = "| workload | mode | " + " | ".join(f"{n} real / sim" for _, n in KEYS) + " |"
+    lines = [head, "|" + "---|" * (len(KEYS) + 2)]
+    lines += [format_row(e) for e in out["runs"]]
+    worst = [abs(v) for e in out["runs"] for v in e["error"].values() if v is not None]
+    if worst:
+        lines.append(f"\nlargest error: {100 * max(worst):.1f}%; median "
+                     f"{100 * statistics.median(worst):.1f}%")  # fmt: skip
+    return "\n".join(lines)

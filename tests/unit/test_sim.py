@@ -1,0 +1,178 @@
+"""The simulator runs the project's own scheduler, routing and admission on a virtual clock:
+what it reports follows from them, and from its cost model."""
+
+from __future__ import annotations
+
+import pytest
+
+import router.routing as routing
+from engine.scheduler import Scheduler, SchedulerConfig
+from router.admission import AdmissionLimits
+from sim.cluster import Cluster, ClusterConfig
+from sim.cost import FittedCost, Hops
+from sim.simulate import simulate
+from sim.workload import SimRequest, generate, parse_length, poisson_times
+
+COEF = {"fixed": 0.004, "prefill_tokens": 4e-5, "prefill_ctx": 1e-9, "decode_seqs": 5e-4,
+        "decode_ctx": 1e-7}  # fmt: skip
+
+
+def cost(num_blocks: int = 2000, **hops: float) -> FittedCost:
+    return FittedCost(dict(COEF), num_blocks, hops=Hops(**hops))
+
+
+def workload(rate: float = 20.0, seconds: float = 10.0, prompt: str = "64-256",
+             output: str = "8-64", seed: int = 0) -> list[SimRequest]:  # fmt: skip
+    times = poisson_times([(seconds, rate)], seed)
+    return list(generate(times, parse_length(prompt), parse_length(output), seed))
+
+
+def run(config: ClusterConfig, reqs: list[SimRequest], c: FittedCost | None = None):
+    cluster = Cluster(config, c or cost())
+    records = cluster.run(reqs)
+    return cluster, records
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_every_request_ends_and_every_block_is_freed(mode):
+    cluster, records = run(ClusterConfig(mode=mode, prefill=2, decode=2), workload())
+    assert len(records) > 100
+    assert all(r.error == "" and r.end_s is not None for r in records)
+    for r in records:
+        assert r.arrival_s < r.first_s <= r.end_s
+    _all_returned(cluster)
+
+
+def _state(w) -> tuple:
+    """A worker's scheduler state: each live sequence's tokens, computed count, blocks held
+    and published, preemptions; the free blocks."""
+    s = w.scheduler
+    seqs = sorted((q.seq_id, len(q.token_ids), q.num_computed_tokens, len(q.blocks.block_ids),
+                   q.blocks.num_published, q.num_preemptions)
+                  for q in [*s.running, *s.waiting, *s.landed])  # fmt: skip
+    return w.name, s.allocator.num_free, tuple(seqs)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+@pytest.mark.parametrize("blocks", [2000, 90])  # 90: runs cut short for blocks, preemptions
+def test_runs_of_decode_steps_match_single_steps(mode, blocks):
+    """Booking k decode steps as one event gives the same timings as k events, and leaves
+    the scheduler as k steps do: the state of a request's worker as it ends is the same."""
+    reqs = workload(rate=15.0, output="20-120")
+    sched = SchedulerConfig(num_blocks=blocks, max_num_seqs=16)
+    results = []
+    for coalesce in (True, False):
+        cfg = ClusterConfig(mode=mode, prefill=1, decode=2, scheduler=sched, coalesce=coalesce)
+        c = Cluster(cfg, cost(num_blocks=blocks))
+        states: list = []
+        c.listeners.append(
+            lambda rec, states=states: states.append(rec.decode and _state(rec.decode))
+        )
+        results.append((c, c.run(reqs), states))
+    (fast_c, fast, fast_states), (slow_c, slow, slow_states) = results
+    assert [r.error for r in fast] == [r.error for r in slow]
+    assert [r.ttft_s for r in fast] == pytest.approx([r.ttft_s for r in slow], abs=1e-9)
+    assert [r.end_s for r in fast] == pytest.approx([r.end_s for r in slow], abs=1e-9)
+    assert fast_states == slow_states
+    steps = lambda c: sum(w.steps for ws in c.workers.values() for w in ws)  # noqa: E731
+    assert steps(fast_c) == steps(slow_c)
+    events = lambda c: next(c._tie)  # noqa: E731 - events booked, a measure of the work
+    assert events(fast_c) < events(slow_c) / 3
+    if blocks == 90 and mode == "colocated":  # the tight case does preempt (recompute)
+        assert any(q for st in slow_states if st for q in st[2] if q[5] > 0)
+
+
+def test_ttft_is_the_sum_of_the_hops_at_no_load():
+    c = cost(router_s=0.01, rpc_s=0.002, deliver_s=0.003, kv_fixed_s=0.004)
+    _, [rec] = run(ClusterConfig(), [SimRequest(1.0, 100, 5)], c)
+    prefill = c.step_s(100, 100 * 101 / 2, 0, 0)
+    # router, reserve (one try), to the prefill worker, its step, KV tail, back, delivered
+    assert rec.ttft_s == pytest.approx(0.01 + 0.002 + 0.002 + prefill + 0.004 + 0.002 + 0.003)
+    assert rec.tpot_s == pytest.approx(c.step_s(0, 0, 1, 102), rel=0.05)
+
+
+def test_the_routing_policy_decides_where_requests_go(monkeypatch):
+    """router.routing's decode order, as the router runs it: most free KV first, a stream in
+    flight counting against a worker. Make it prefer busy workers and the simulated TPOT
+    grows, as every request piles onto one decode worker."""
+    reqs = workload(rate=30.0, output="60-100")
+    _, spread = run(ClusterConfig(prefill=2, decode=2), reqs)
+    monkeypatch.setattr(routing, "IN_FLIGHT_BLOCKS", -(10**6))
+    cluster, piled = run(ClusterConfig(prefill=2, decode=2), reqs)
+    tpot = lambda recs: sorted(r.tpot_s for r in recs)[len(recs) // 2]  # noqa: E731
+    assert tpot(piled) > 1.3 * tpot(spread)
+    assert {r.decode.name for r in piled} == {piled[0].decode.name}
+
+
+def test_the_scheduler_decides_what_a_step_holds(monkeypatch):
+    """engine.scheduler's admission: change it (admit nothing while anything runs) and the
+    simulated colocated TTFT grows."""
+    reqs = workload(rate=20.0, output="40-80")
+    cfg = ClusterConfig(mode="colocated", prefill=1, decode=0)
+    _, before = run(cfg, reqs)
+    original = Scheduler._admit_waiting
+
+    def one_batch_at_a_time(self, out, budget, ignore_budget):
+        if not self.running:
+            original(self, out, budget, ignore_budget)
+
+    monkeypatch.setattr(Scheduler, "_admit_waiting", one_batch_at_a_time)
+    _, after = run(cfg, reqs)
+    p90 = lambda recs: sorted(r.ttft_s for r in recs)[int(0.9 * len(recs))]  # noqa: E731
+    assert p90(after) > 2 * p90(before)
+
+
+def test_admission_refuses_past_the_bound_as_the_router_does():
+    """A burst past router.admission's bound is refused (429) at once, nothing else lost."""
+    burst = [SimRequest(0.001 * i, 200, 50) for i in range(200)]
+    limits = AdmissionLimits(queued_tokens_per_prefill=2000, streams_per_decode=8,
+                             waiting_per_decode=2)  # fmt: skip
+    cluster, records = run(ClusterConfig(admission=limits), burst)
+    refused = [r for r in records if r.error == "429"]
+    assert 0 < len(refused) < len(records)
+    assert all(r.error in ("", "429") for r in records)
+    _all_returned(cluster)
+
+
+def _all_returned(cluster: Cluster) -> None:
+    """Nothing held anywhere once every request has ended: blocks, counts, the line."""
+    for ws in cluster.workers.values():
+        for w in ws:
+            assert w.free_blocks == w.scheduler.allocator.num_blocks, w.name
+            assert w.in_flight == 0 and w.queued_tokens == 0 and not w.scheduler.has_work()
+            assert not w.scheduler.awaiting_kv and not w.scheduler.held
+    assert cluster.held == 0 and cluster.prefill_tokens == 0 and not cluster.line
+
+
+def test_no_kv_room_waits_in_line_then_times_out():
+    """Decode KV for 2 requests only: the rest wait in the router's line and are served as
+    room frees; past reserve_timeout_s they end with 429 instead."""
+    c = cost(num_blocks=20)
+    sched = SchedulerConfig(num_blocks=20, max_num_seqs=8)
+    reqs = [SimRequest(0.01 * i, 120, 40) for i in range(6)]
+    cluster, patient = run(ClusterConfig(scheduler=sched, reserve_timeout_s=30.0), reqs, c)
+    assert [r.error for r in patient] == [""] * 6
+    assert all(r.reservation_s > 0.1 for r in patient[2:])
+    assert all(r.reservation_s < 0.01 for r in patient[:2])
+    _all_returned(cluster)
+    cluster, hasty = run(ClusterConfig(scheduler=sched, reserve_timeout_s=0.05), reqs, c)
+    assert [r.error for r in hasty[:3]] == ["", "", "429"]  # the head's deadline ran out
+    assert {r.error for r in hasty} == {"", "429"}
+    _all_returned(cluster)
+
+
+def test_one_output_token_ends_with_the_first():
+    """max_tokens 1: the prefill's token is the whole answer; it ends as it arrives."""
+    cluster, records = run(ClusterConfig(), [SimRequest(0.5, 300, 1), SimRequest(0.6, 50, 1)])
+    for r in records:
+        assert r.error == "" and r.first_s == r.end_s and r.tpot_s is None
+    _all_returned(cluster)
+
+
+def test_the_summary_counts_goodput_against_the_slo():
+    res = simulate(cost(), ClusterConfig(), workload(rate=5.0), ttft_s=10.0, tpot_s=10.0)
+    s = res.summary
+    assert s["attainment"] == 1.0 and s["failed"] == 0
+    assert s["goodput_rps"] == pytest.approx(s["throughput_rps"])
+    strict = simulate(cost(), ClusterConfig(), workload(rate=5.0), ttft_s=0.001, tpot_s=10.0)
+    assert strict.summary["goodput_rps"] == 0.0
