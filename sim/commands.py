@@ -6,6 +6,7 @@ import argparse
 import random
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidRequestError
@@ -44,7 +45,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
         help="simulate 1/N of the fleet: N identical cells (P/N + D/N workers), each taking a "
         "random 1/N of the requests; one cell is run, rates scaled back up",
     )
-    g.add_argument("--json", type=lambda s: __import__("pathlib").Path(s), default=None)
+    g.add_argument("--json", type=Path, default=None)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -120,7 +121,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pool", type=int, default=4, help="workers per pool the capacity is measured on"
     )
-    p.add_argument("--json", type=lambda s: __import__("pathlib").Path(s), default=None)
+    p.add_argument("--requests", type=int, default=1200, help="requests per simulated point")
+    p.add_argument("--json", type=Path, default=None)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -60,8 +60,24 @@ class Capacities:
     colocated: float
 
 
+def steady_s(inp: PlanInput) -> float:
+    """Long enough for the pools to settle: ten times a mean request's life at no load."""
+    import random
+
+    rng = random.Random(inp.seed)
+    n = 200
+    prompt = sum(inp.prompt(rng) for _ in range(n)) / n
+    output = sum(inp.output(rng) for _ in range(n)) / n
+    c = inp.cost
+    alone = c.step_s(round(prompt), prompt * prompt / 2, 0, 0) + output * c.step_s(
+        0, 0.0, 1, round(prompt + output / 2)
+    )
+    return 10 * alone
+
+
 def _workload(inp: PlanInput, rate: float, one_token: bool = False) -> list[SimRequest]:
-    seconds = inp.requests / rate
+    """`inp.requests` requests, and never less than `steady_s` of them."""
+    seconds = max(inp.requests / rate, steady_s(inp))
     out = (lambda rng: 1) if one_token else inp.output
     return list(generate(poisson_times([(seconds, rate)], inp.seed), inp.prompt, out, inp.seed))
 
@@ -85,7 +101,9 @@ def _config(inp: PlanInput, mode: str, prefill: int, decode: int) -> ClusterConf
 def _bisect(ok, hi: float, steps: int = 7) -> float:
     """The highest rate in (0, hi] for which ok(rate) holds (0 when not even hi / 2^steps)."""
     lo = 0.0
-    while ok(hi):  # the bound was low: raise it
+    for _ in range(8):  # the bound was low: raise it (at most 256x)
+        if not ok(hi):
+            break
         lo, hi = hi, 2 * hi
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -109,7 +127,7 @@ def capacities(inp: PlanInput, bound: float) -> Capacities:
     plenty = 2 * k
 
     def decode_ok(rate: float) -> bool:
-        cfg = _config(inp, "disaggregated", math.ceil(plenty * rate / p), k)
+        cfg = _config(inp, "disaggregated", min(64, math.ceil(plenty * rate / p)), k)
         return holds(inp, cfg, _workload(inp, rate * k))
 
     d = _bisect(decode_ok, bound)
@@ -191,14 +209,16 @@ def why(inp: PlanInput, caps: Capacities, samples: int = 2000) -> list[str]:
     output = sum(inp.output(rng) for _ in range(samples)) / samples
     c = inp.cost
     prefill_s = c.step_s(round(prompt), prompt * (prompt + 1) / 2, 0, 0)
-    # sequences one decode worker holds at its capacity (Little: rate x time in decode)
-    batch = max(1, round(caps.decode * output * inp.tpot_s))
+    # sequences one decode worker holds at its capacity: Little's law at the TPOT target
+    # (rate x tokens x time a token), at most the scheduler's max_num_seqs
+    lanes = inp.scheduler.max_num_seqs if inp.scheduler else 256
+    batch = max(1, min(lanes, round(caps.decode * output * inp.tpot_s)))
     step_s = c.step_s(0, 0.0, batch, round(batch * (prompt + output / 2)))
     lines = [
         f"a prefill worker computes a mean {prompt:.0f}-token prompt in {1000 * prefill_s:.0f} "
         f"ms ({1 / prefill_s:.1f}/s flat out); within the TTFT target at p{inp.percentile:g} "
         f"it takes {caps.prefill:.2f} req/s",
-        f"a decode worker at {caps.decode:.2f} req/s of {output:.0f}-token outputs holds about "
+        f"a decode worker at {caps.decode:.2f} req/s of {output:.0f}-token outputs holds up to "
         f"{batch} sequences; a step at that batch takes {1000 * step_s:.1f} ms "
         f"(TPOT target {1000 * inp.tpot_s:.0f} ms)",
         f"so P:D = {caps.decode / caps.prefill:.2f} : 1 (decode capacity over prefill capacity)",

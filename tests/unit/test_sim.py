@@ -54,7 +54,7 @@ def _state(w) -> tuple:
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
-@pytest.mark.parametrize("blocks", [2000, 90])  # 90: runs cut short for blocks, preemptions
+@pytest.mark.parametrize("blocks", [2000, 45])  # 45: runs cut short for blocks, preemptions
 def test_runs_of_decode_steps_match_single_steps(mode, blocks):
     """Booking k decode steps as one event gives the same timings as k events, and leaves
     the scheduler as k steps do: the state of a request's worker as it ends is the same."""
@@ -77,9 +77,12 @@ def test_runs_of_decode_steps_match_single_steps(mode, blocks):
     steps = lambda c: sum(w.steps for ws in c.workers.values() for w in ws)  # noqa: E731
     assert steps(fast_c) == steps(slow_c)
     events = lambda c: next(c._tie)  # noqa: E731 - events booked, a measure of the work
-    assert events(fast_c) < events(slow_c) / 3
-    if blocks == 90 and mode == "colocated":  # the tight case does preempt (recompute)
-        assert any(q for st in slow_states if st for q in st[2] if q[5] > 0)
+    assert events(fast_c) < events(slow_c) / (3 if blocks == 2000 else 1.5)
+    if blocks == 45:  # the tight case does preempt (and recompute) in both
+        assert sum(r.seq.num_preemptions for r in slow if r.seq) > 5
+        assert [r.seq.num_preemptions for r in fast if r.seq] == [
+            r.seq.num_preemptions for r in slow if r.seq
+        ]
 
 
 def test_ttft_is_the_sum_of_the_hops_at_no_load():
@@ -88,7 +91,10 @@ def test_ttft_is_the_sum_of_the_hops_at_no_load():
     prefill = c.step_s(100, 100 * 101 / 2, 0, 0)
     # router, reserve (one try), to the prefill worker, its step, KV tail, back, delivered
     assert rec.ttft_s == pytest.approx(0.01 + 0.002 + 0.002 + prefill + 0.004 + 0.002 + 0.003)
-    assert rec.tpot_s == pytest.approx(c.step_s(0, 0, 1, 102), rel=0.05)
+    # 4 decode steps (contexts 101..104) after the first token; the first token went the
+    # longer way (back through the router's call to the prefill worker): one rpc_s less
+    decode = sum(c.step_s(0, 0, 1, 101 + i) for i in range(4))
+    assert rec.tpot_s == pytest.approx((decode - 0.002) / 4)
 
 
 def test_the_routing_policy_decides_where_requests_go(monkeypatch):
@@ -101,7 +107,8 @@ def test_the_routing_policy_decides_where_requests_go(monkeypatch):
     cluster, piled = run(ClusterConfig(prefill=2, decode=2), reqs)
     tpot = lambda recs: sorted(r.tpot_s for r in recs)[len(recs) // 2]  # noqa: E731
     assert tpot(piled) > 1.3 * tpot(spread)
-    assert {r.decode.name for r in piled} == {piled[0].decode.name}
+    names = [r.decode.name for r in piled]
+    assert max(names.count(n) for n in set(names)) > 0.75 * len(names)
 
 
 def test_the_scheduler_decides_what_a_step_holds(monkeypatch):
