@@ -121,7 +121,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pool", type=int, default=4, help="workers per pool the capacity is measured on"
     )
-    p.add_argument("--requests", type=int, default=1200, help="requests per simulated point")
+    p.add_argument("--requests", type=int, default=800, help="requests per simulated point")
     p.add_argument("--json", type=Path, default=None)
 
 
@@ -193,10 +193,17 @@ def _plan_line(r: dict) -> str:
             f"({r['goodput_per_gpu_colocated']:.3f} req/s per GPU)")  # fmt: skip
     v = r.get("verified")
     if v:
+        more = " + ".join(f"{n} {pool}" for pool, n in v["added"].items() if n)
         line += (
             f"; simulated with both pools ({v['prefill']}P + {v['decode']}D at "
             f"{v['rate']:.1f} req/s): " + ("holds" if v["holds"] else "BREAKS the SLO")
         )
+        if more:
+            line += f" after adding {more} to that cell (the counts above include it)"
+    vc = r.get("verified_colocated")
+    if vc:
+        line += (f"; colocated cell of {vc['colocated']} at {vc['rate']:.1f} req/s holds"
+                 + (f" after adding {vc['added']}" if vc["added"] else ""))  # fmt: skip
     return line
 
 

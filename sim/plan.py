@@ -22,7 +22,7 @@ it (each pool cut in proportion, the rate cut as much as the pool cut the most).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
@@ -49,7 +49,7 @@ class PlanInput:
     gpus_per_worker: int = 1
     scheduler: SchedulerConfig | None = None
     pool: int = 4  # workers in the pool each capacity is measured on
-    requests: int = 1200  # per simulated point
+    requests: int = 800  # per simulated point (at least; see steady_s)
     seed: int = 0
 
 
@@ -61,7 +61,7 @@ class Capacities:
 
 
 def steady_s(inp: PlanInput) -> float:
-    """Long enough for the pools to settle: ten times a mean request's life at no load."""
+    """Long enough for the pools to settle: five times a mean request's life at no load."""
     import random
 
     rng = random.Random(inp.seed)
@@ -72,7 +72,7 @@ def steady_s(inp: PlanInput) -> float:
     alone = c.step_s(round(prompt), prompt * prompt / 2, 0, 0) + output * c.step_s(
         0, 0.0, 1, round(prompt + output / 2)
     )
-    return 10 * alone
+    return 5 * alone
 
 
 def _workload(inp: PlanInput, rate: float, one_token: bool = False) -> list[SimRequest]:
@@ -82,15 +82,21 @@ def _workload(inp: PlanInput, rate: float, one_token: bool = False) -> list[SimR
     return list(generate(poisson_times([(seconds, rate)], inp.seed), inp.prompt, out, inp.seed))
 
 
-def holds(inp: PlanInput, config: ClusterConfig, reqs: list[SimRequest]) -> bool:
+def judge(inp: PlanInput, config: ClusterConfig, reqs: list[SimRequest]) -> dict[str, Any]:
+    """Simulate; the percentiles (after the first tenth, which fills the pipes), failures,
+    and whether the SLO holds."""
     res = simulate(inp.cost, config, reqs, inp.ttft_s, inp.tpot_s)
-    if res.summary["failed"]:
-        return False
-    warm = len(res.records) // 10  # the first tenth fills the pipes: not judged
-    recs = res.records[warm:]
-    ttft = pct([r.ttft_s for r in recs if r.ttft_s is not None], inp.percentile)
-    tpot = pct([r.tpot_s for r in recs if r.tpot_s is not None], inp.percentile)
-    return (ttft or 0.0) <= inp.ttft_s and (tpot or 0.0) <= inp.tpot_s
+    recs = res.records[len(res.records) // 10 :]
+    ttft = pct([r.ttft_s for r in recs if r.ttft_s is not None], inp.percentile) or 0.0
+    tpot = pct([r.tpot_s for r in recs if r.tpot_s is not None], inp.percentile) or 0.0
+    wait = pct([r.reservation_s or 0.0 for r in recs], inp.percentile) or 0.0
+    failed = res.summary["failed"]
+    ok = not failed and ttft <= inp.ttft_s and tpot <= inp.tpot_s
+    return {"holds": ok, "ttft_s": ttft, "tpot_s": tpot, "reservation_s": wait, "failed": failed}
+
+
+def holds(inp: PlanInput, config: ClusterConfig, reqs: list[SimRequest]) -> bool:
+    return bool(judge(inp, config, reqs)["holds"])
 
 
 def _config(inp: PlanInput, mode: str, prefill: int, decode: int) -> ClusterConfig:
@@ -98,7 +104,7 @@ def _config(inp: PlanInput, mode: str, prefill: int, decode: int) -> ClusterConf
                          gpus_per_worker=inp.gpus_per_worker, seed=inp.seed)  # fmt: skip
 
 
-def _bisect(ok, hi: float, steps: int = 7) -> float:
+def _bisect(ok, hi: float, steps: int = 6) -> float:
     """The highest rate in (0, hi] for which ok(rate) holds (0 when not even hi / 2^steps)."""
     lo = 0.0
     for _ in range(8):  # the bound was low: raise it (at most 256x)
@@ -173,26 +179,86 @@ def plan_rate(inp: PlanInput, caps: Capacities, rate: float, verify_workers: int
     out["goodput_per_gpu_colocated"] = rate / gc if gc else 0.0
     total = n["prefill"] + n["decode"]
     if verify_workers and total > 0:
-        # the fleet itself when small; else a cell of it, each pool cut in proportion and the
-        # rate cut as much as the pool cut the most (the check stays on the safe side)
-        f = min(1.0, verify_workers / total)
-        p, d = max(1, round(n["prefill"] * f)), max(1, round(n["decode"] * f))
-        cell_rate = rate * min(p / n["prefill"], d / n["decode"])
-        cfg = _config(inp, "disaggregated", p, d)
-        reqs = _workload(replace(inp, requests=2 * inp.requests), cell_rate)
-        out["verified"] = {"prefill": p, "decode": d, "rate": cell_rate,
-                           "holds": holds(inp, cfg, reqs)}  # fmt: skip
+        out.update(_verify(inp, out, rate, verify_workers))
+    if verify_workers and n["colocated"] > 0:
+        out.update(_verify_colocated(inp, out, rate, verify_workers))
     return out
 
 
+def _verify_colocated(inp: PlanInput, out: dict, rate: float, verify_workers: int) -> dict:
+    """The colocated count checked the same way: a cell of it, one more worker while the
+    SLO breaks; the fleet grows in proportion."""
+    C = out["colocated"]  # noqa: N806
+    c0 = max(1, min(C, verify_workers))
+    c, cell_rate = c0, rate * c0 / C
+    reqs = _workload(inp, cell_rate)
+    for _ in range(6):
+        if holds(inp, _config(inp, "colocated", c, 0), reqs):
+            break
+        c += 1
+    fix: dict[str, Any] = {"verified_colocated": {"colocated": c, "rate": cell_rate,
+                                                  "added": c - c0}}  # fmt: skip
+    if c > c0:
+        fix["colocated"] = math.ceil(C * c / c0 - 1e-9)
+        fix["gpus_colocated"] = inp.gpus_per_worker * fix["colocated"]
+        fix["goodput_per_gpu_colocated"] = rate / fix["gpus_colocated"]
+    return fix
+
+
+def _verify(inp: PlanInput, out: dict, rate: float, verify_workers: int) -> dict[str, Any]:
+    """Both pools simulated together: the fleet itself when small, else a cell of it (each
+    pool cut in proportion, the rate cut as much as the pool cut the most). Where the SLO
+    breaks, the pool whose target broke gets one more worker in the cell (TTFT: prefill,
+    unless waiting for decode KV room is most of it; TPOT: decode), until it holds; the
+    fleet's counts grow in proportion."""
+    P, D = out["prefill"], out["decode"]  # noqa: N806
+    f = min(1.0, verify_workers / (P + D))
+    p0, d0 = max(1, round(P * f)), max(1, round(D * f))
+    p, d = p0, d0
+    cell_rate = rate * min(p / P, d / D)
+    reqs = _workload(inp, cell_rate)
+    added = {"prefill": 0, "decode": 0}
+    for _ in range(6):
+        j = judge(inp, _config(inp, "disaggregated", p, d), reqs)
+        if j["holds"]:
+            break
+        decode_short = j["tpot_s"] > inp.tpot_s or j["reservation_s"] > j["ttft_s"] / 2
+        if decode_short:
+            d, added["decode"] = d + 1, added["decode"] + 1
+        else:
+            p, added["prefill"] = p + 1, added["prefill"] + 1
+    fix: dict[str, Any] = {"verified": {"prefill": p, "decode": d, "rate": cell_rate,
+                                        "holds": j["holds"], "added": added}}  # fmt: skip
+    if any(added.values()):  # each pool of the fleet grows as its cell did
+        fix["prefill"] = math.ceil(P * p / p0 - 1e-9)
+        fix["decode"] = math.ceil(D * d / d0 - 1e-9)
+        fix["gpus_disaggregated"] = inp.gpus_per_worker * (fix["prefill"] + fix["decode"])
+        fix["goodput_per_gpu_disaggregated"] = rate / fix["gpus_disaggregated"]
+    return fix
+
+
 def plan_day(inp: PlanInput, caps: Capacities, hourly: list[float]) -> dict[str, Any]:
-    """Counts hour by hour for a day's rates, GPU-hours disaggregated vs colocated."""
+    """Counts hour by hour for a day's rates, GPU-hours disaggregated vs colocated. The
+    busiest hour is simulated with both pools; where that added workers to a pool, every
+    hour's count of that pool grows by the same factor."""
     top = max(range(len(hourly)), key=lambda h: hourly[h])
-    hours = [plan_rate(inp, caps, r, verify_workers=24 if h == top else 0)
-             for h, r in enumerate(hourly)]  # fmt: skip
+    peak = plan_rate(inp, caps, hourly[top], verify_workers=16)
+    raw = counts(caps, hourly[top])
+    pools = ("prefill", "decode", "colocated")
+    grow = {pool: peak[pool] / raw[pool] if raw[pool] else 1.0 for pool in pools}
+    hours = []
+    for h, r in enumerate(hourly):
+        if h == top:
+            hours.append(peak)
+            continue
+        plan = plan_rate(inp, caps, r, verify_workers=0)
+        for pool, g in grow.items():
+            plan[pool] = math.ceil(plan[pool] * g - 1e-9)
+        plan["gpus_disaggregated"] = inp.gpus_per_worker * (plan["prefill"] + plan["decode"])
+        plan["gpus_colocated"] = inp.gpus_per_worker * plan["colocated"]
+        hours.append(plan)
     dis = sum(h["gpus_disaggregated"] for h in hours)
     col = sum(h["gpus_colocated"] or 0 for h in hours)
-    peak = max(hours, key=lambda h: h["rate"])
     served = sum(hourly) * 3600
     return {"hours": hours, "gpu_hours_disaggregated": dis, "gpu_hours_colocated": col,
             "peak": peak, "requests": served,
