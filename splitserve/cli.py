@@ -1,8 +1,8 @@
 """The `splitserve` command line: serve, status, top, scale, generate (offline), bench, sim, plan.
 
 A thin entry: each subcommand parses its arguments and hands them to router
-(serve, status, scale), splitserve.top (top), bench, sim (sim, plan) or engine (generate); no package
-imports this one.
+(serve, status, scale), splitserve.top (top), bench, sim (sim, plan) or engine
+(generate); no package imports this one.
 
 Bad input ends with one line on stderr (`error: ...`) and exit status 2,
 never a traceback.
