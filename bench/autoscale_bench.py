@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import autoscale_report
-from sim.workload import poisson_times
+from sim.workload import SimRequest, poisson_times
 
 RESULTS = Path("bench/results")
 
@@ -82,20 +82,30 @@ async def _request(http: Any, base: str, body: dict, rec: dict) -> None:
 
 
 async def _drive(base: str, args: argparse.Namespace, times: list[float], t0: float) -> list:
+    reqs = [SimRequest(t, args.input_len, args.output_len) for t in times]
+    return await drive(base, reqs, args.seed, args.vocab_size, t0)
+
+
+async def drive(
+    base: str, reqs: list[SimRequest], seed: int, vocab_size: int = 49152, t0: float | None = None
+) -> list[dict]:
+    """Each request at its arrival time (s after t0), streamed from /v1/completions with
+    random prompt ids, EOS ignored; records {arrival, ttft_s, tpot_s, error, end}."""
     import httpx
 
-    rng = random.Random(args.seed + 1)
+    rng = random.Random(seed + 1)
     records: list[dict] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         model = (await http.get(f"{base}/v1/models")).json()["data"][0]["id"]
+        t0 = time.monotonic() if t0 is None else t0
         tasks = []
-        for at in times:
-            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
-            rec = {"arrival": at, "t0": t0, "ttft_s": None, "tpot_s": None, "error": ""}
+        for r in reqs:
+            await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
+            rec = {"arrival": r.arrival_s, "t0": t0, "ttft_s": None, "tpot_s": None, "error": ""}
             records.append(rec)
-            ids = [rng.randrange(1, args.vocab_size) for _ in range(args.input_len)]
-            body = {"model": model, "prompt": ids, "max_tokens": args.output_len,
+            ids = [rng.randrange(1, vocab_size) for _ in range(r.prompt_tokens)]
+            body = {"model": model, "prompt": ids, "max_tokens": r.output_tokens,
                     "ignore_eos": True, "stream": True, "temperature": 0.0}  # fmt: skip
             tasks.append(asyncio.create_task(_request(http, base, body, rec)))
         await asyncio.gather(*tasks)

@@ -5,7 +5,7 @@ cost model (sim.cost.FittedCost) to them.
     decode   B sequences decoding at context C (the median of a few steps)
     mixed    a prompt joining B decoding sequences (a colocated worker's step)
 Every timed step's four features come from the scheduler's own output for that step
-(sim.worker.chunk_features), so the fit sees what the simulator will ask it.
+(engine.scheduler.SchedulerOutput.features), so the fit sees what the simulator will ask it.
 
     contention  the same decode and prefill points while a second process steps its own
                 engine (the other worker on this host): slower by a factor, the cost
@@ -31,7 +31,6 @@ from typing import Any
 from engine.engine_config import EngineConfig
 from engine.sampling_params import SamplingParams
 from sim.cost import FittedCost, Hops, features, fit
-from sim.worker import chunk_features
 
 RESULTS = Path("bench/results")
 PREFILL = (32, 128, 256, 512, 1024, 2048)
@@ -72,7 +71,7 @@ class _Probe:
 
         def probed():
             out = schedule()
-            self._last = chunk_features(out)
+            self._last = out.features()
             return out
 
         engine.scheduler.schedule = probed

@@ -26,10 +26,8 @@ import asyncio
 import dataclasses
 import json
 import os
-import random
 import shutil
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +80,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def steps_dir(out: Path, mode: str) -> Path:
+    """Where a run's calibration steps are logged: beside its result file, so a second run
+    (another --out) does not overwrite what --rescore of the first one reads."""
+    return out.with_name(f"{out.stem}_steps_{mode}")
+
+
 def requests_of(w: dict | list[dict], seed: int) -> list[SimRequest]:
     """A workload's requests (a list: phases one after another, each its own lengths)."""
     out: list[SimRequest] = []
@@ -94,59 +98,19 @@ def requests_of(w: dict | list[dict], seed: int) -> list[SimRequest]:
     return out
 
 
-async def _one(http: Any, base: str, body: dict, rec: dict, t0: float) -> None:
-    start = time.monotonic()
-    times = []
-    try:
-        async with http.stream("POST", f"{base}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                rec["error"] = f"HTTP {resp.status_code}"
-                return
-            async for line in resp.aiter_lines():
-                if line.startswith("data: {") and '"text"' in line:
-                    times.append(time.monotonic())
-    except Exception as exc:  # noqa: BLE001 - a failed request is a data point
-        rec["error"] = repr(exc)
-        return
-    if times:
-        rec["ttft_s"] = times[0] - start
-        rec["tpot_s"] = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-    rec["end"] = time.monotonic() - t0
-
-
-async def _drive(base: str, reqs: list[SimRequest], seed: int) -> list[dict]:
-    """Each request at its arrival time, streamed; records as sim.report reads them."""
-    import httpx
-
-    rng = random.Random(seed + 1)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        model = (await http.get(f"{base}/v1/models")).json()["data"][0]["id"]
-        t0, tasks, records = time.monotonic(), [], []
-        for r in reqs:
-            await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
-            rec = {"arrival": r.arrival_s, "ttft_s": None, "tpot_s": None, "error": ""}
-            records.append(rec)
-            body = {"model": model, "prompt": [rng.randrange(1, 49152) for _ in
-                    range(r.prompt_tokens)], "max_tokens": r.output_tokens, "ignore_eos": True,
-                    "stream": True, "temperature": 0.0}  # fmt: skip
-            tasks.append(asyncio.create_task(_one(http, base, body, rec, t0)))
-        await asyncio.gather(*tasks)
-    return records
-
-
 def _real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:
     """`reqs` on a real server in `mode` (after two warm-up requests); the client's records.
     `steps`: the workers log every engine step there."""
+    from bench.autoscale_bench import drive
     from bench.server_process import ServerProcess
 
     env = {**os.environ, **({STEP_ENV: str(steps)} if steps else {})}
     with ServerProcess(*MODES[mode], env=env) as srv:
-        asyncio.run(_drive(srv.base, [SimRequest(0.0, 16, 4), SimRequest(0.1, 16, 4)], seed))
+        asyncio.run(drive(srv.base, [SimRequest(0.0, 16, 4), SimRequest(0.1, 16, 4)], seed))
         if steps is not None:  # the warm-up's steps are not the workload's
             for f in steps.glob("steps-*.jsonl"):
                 f.write_text("")
-        return asyncio.run(_drive(srv.base, reqs, seed))
+        return asyncio.run(drive(srv.base, reqs, seed))
 
 
 def _sim(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
@@ -158,7 +122,7 @@ def _sim(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
 def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[FittedCost, dict]:
     """Fit the cost model to the workers' own steps under the calibration load, then the
     fixed cost per request outside the steps."""
-    steps = RESULTS / f"sim_steps_{mode}"
+    steps = steps_dir(args.out, mode)
     shutil.rmtree(steps, ignore_errors=True)
     real = _real(mode, requests_of(CALIBRATION, args.seed + 100), args.seed + 100, steps)
     return calibrated(base, mode, real, steps, args)
@@ -192,7 +156,7 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
     costs = {}
     for mode, cal in list(out["calibration"].items()):
         costs[mode], out["calibration"][mode] = calibrated(
-            base, mode, cal["real_rows"], RESULTS / f"sim_steps_{mode}", args
+            base, mode, cal["real_rows"], steps_dir(args.out, mode), args
         )
         print(f"{mode}: host_share {costs[mode].host_share:.3f}, router_s "
               f"{costs[mode].hops.router_s:.4f}")  # fmt: skip
@@ -270,10 +234,9 @@ KEYS = (("ttft_p50_ms", "TTFT p50"), ("ttft_p90_ms", "TTFT p90"), ("tpot_p50_ms"
 def _cell(real: Any, sim: Any, err: Any, key: str) -> str:
     if real is None or sim is None:
         return "-"
-    unit = "" if key == "goodput_rps" else ""
     fmt = "{:.2f}" if key == "goodput_rps" else "{:.0f}"
     e = "" if err is None else f" ({100 * err:+.0f}%)"
-    return f"{fmt.format(real)}{unit} / {fmt.format(sim)}{e}"
+    return f"{fmt.format(real)} / {fmt.format(sim)}{e}"
 
 
 def format_row(e: dict) -> str:

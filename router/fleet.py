@@ -27,6 +27,7 @@ from decode_worker.worker import DecodeWorker
 from engine.errors import InvalidRequestError, OverloadedError, SplitServeError
 from prefill_worker.worker import PrefillWorker
 from router.placement import Role
+from router.routing import leaving_order
 from router.workers import (
     FleetConfig,
     Worker,
@@ -199,10 +200,13 @@ class Fleet:
         the least in flight (newest first on ties)."""
         if n <= 0:
             return []
-        newest_first = self.members(role)[::-1]  # members keep their spawn order
-        starting = [w for w in newest_first if w.state is WorkerState.STARTING]
-        active = [w for w in newest_first if w.state is WorkerState.ACTIVE]
-        return (starting + sorted(active, key=lambda w: w.in_flight))[:n]
+        members = [w for w in self.members(role)  # members keep their spawn order
+                   if w.state in (WorkerState.STARTING, WorkerState.ACTIVE)]  # fmt: skip
+        by_name = {w.name: w for w in members}
+        order = leaving_order(
+            [(w.name, w.state is WorkerState.STARTING, w.in_flight) for w in members]
+        )
+        return [by_name[name] for name in order[:n]]
 
     def _begin_drain(self, worker: Worker) -> None:
         worker.state = WorkerState.DRAINING

@@ -9,6 +9,7 @@ prefill: `prefix` (default) picks the worker that finishes this prompt soonest:
          more than the prefix is worth; then a second worker takes (and caches) it too.
          `least-loaded`: power of two choices on queued tokens; `random`: uniform.
 colocated: the worker with the fewest requests in flight (ties at random)
+scale-down: starting workers leave first, then the active ones with the least in flight
 
 The router's view of each prefill worker's prefix cache is a `PrefixIndex`: the
 chained block hashes it sent there, LRU-bounded by that worker's KV capacity.
@@ -84,6 +85,16 @@ def pick_colocated(in_flight: Sequence[tuple[str, int]], rng: random.Random) -> 
     if not in_flight:
         raise ValueError("no worker to pick from")
     return min((n, rng.random(), name) for name, n in in_flight)[2]
+
+
+def leaving_order(members: Sequence[tuple[str, bool, int]]) -> list[str]:
+    """Who leaves a shrinking pool first, from (name, starting, requests in flight) in spawn
+    order: starting ones (no load yet), newest first; then the active ones with the least
+    in flight, newest first on ties."""
+    newest = list(members)[::-1]
+    starting = [name for name, is_starting, _ in newest if is_starting]
+    active = sorted((m for m in newest if not m[1]), key=lambda m: m[2])
+    return starting + [name for name, _, _ in active]
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:

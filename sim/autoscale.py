@@ -26,6 +26,7 @@ from planner import (
     PoolState,
     PrefillProfile,
 )
+from router.routing import leaving_order
 from router.slo_window import Finished, RequestWindow
 from sim.cluster import Cluster, Record
 from sim.cost import CostModel
@@ -138,9 +139,9 @@ class SimAutoscaler:
             members = [w for w in c.workers[role] if w.state in (State.ACTIVE, State.STARTING)]
             for _ in range(target - len(members)):
                 c.add_worker(role)
-            # as router.fleet picks: starting ones first, then the least in flight, newest
-            leaving = [w for w in members[::-1] if w.state is State.STARTING] + sorted(
-                (w for w in members[::-1] if w.state is State.ACTIVE), key=lambda w: w.in_flight
+            by_name = {w.name: w for w in members}
+            order = leaving_order(
+                [(w.name, w.state is State.STARTING, w.in_flight) for w in members]
             )
-            for w in leaving[: max(0, len(members) - target)]:
-                c.drain(w)
+            for name in order[: max(0, len(members) - target)]:  # as router.fleet picks
+                c.drain(by_name[name])

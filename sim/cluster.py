@@ -65,6 +65,7 @@ class Cluster:
         self._tie = itertools.count()
         self.workers: dict[Role, list[SimWorker]] = {r: [] for r in Role}
         self._names = itertools.count()
+        self.peak_workers = 0  # the most workers held at once (starting and draining count)
         self._host: list[SimWorker] = []  # shared_host: every worker, the gone ones removed
         self.records: list[Record] = []
         self.line: deque[Record] = deque()  # waiting for KV room, first come first served
@@ -108,6 +109,7 @@ class Cluster:
                       self.config.max_tpot_ms if role is Role.DECODE else None,
                       self.config.coalesce)  # fmt: skip
         self.workers[role].append(w)
+        self.peak_workers = max(self.peak_workers, sum(len(ws) for ws in self.workers.values()))
         if self.config.shared_host:
             w.host = self._host
             self._host.append(w)
@@ -160,7 +162,7 @@ class Cluster:
                     self.admission, PoolLoad(max(1, n_d), self.held, waiting=len(self.line))
                 )
         except OverloadedError:
-            return self._fail(now, rec, "429")
+            return self._end(now, rec, "429", admitted=False)
         self.held += 1
         if colocated:
             return self._colocated(now, rec)
@@ -282,17 +284,13 @@ class Cluster:
             rec.first_s = t
         self._end(t, rec, "")
 
-    def _end(self, t: float, rec: Record, error: str) -> None:
+    def _end(self, t: float, rec: Record, error: str, admitted: bool = True) -> None:
+        """Every ending: what the request held is given back; listeners hear of it."""
         rec.end_s, rec.error = t, error
-        self.held -= 1
+        self.held -= admitted
         w = rec.decode
         if w is not None:
             w.in_flight -= 1
             self._maybe_gone(w)
-        for fn in self.listeners:
-            fn(rec)
-
-    def _fail(self, now: float, rec: Record, error: str) -> None:
-        rec.end_s, rec.error = now, error
         for fn in self.listeners:
             fn(rec)

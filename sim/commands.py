@@ -21,7 +21,7 @@ from sim.cli import (
     write_json,
 )
 from sim.cluster import ClusterConfig
-from sim.plan import PlanInput, capacities, plan_day, plan_rate, why
+from sim.plan import PlanInput, bound_rate, capacities, plan_day, plan_rate, why
 from sim.simulate import simulate
 from sim.workload import SimRequest, diurnal_rate, load_trace, parse_length
 
@@ -136,7 +136,7 @@ def run_plan(args: argparse.Namespace) -> int:
                     parse_length(args.output_len, "--output-len"), ttft_s, tpot_s,
                     args.percentile, tp, scheduler_config(args, cost), max(1, args.pool),
                     max(50, args.requests), args.seed)  # fmt: skip
-    caps = capacities(inp, bound=_bound(inp))
+    caps = capacities(inp, bound=bound_rate(inp))
     print(f"{getattr(cost, 'model', None) and cost.model.name or 'fitted model'} on "  # type: ignore[attr-defined]
           f"{tp} GPU(s) per worker; SLO p{args.percentile:g}: TTFT {args.ttft_ms:.0f} ms, "
           f"TPOT {args.tpot_ms:.0f} ms")  # fmt: skip
@@ -156,16 +156,6 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"planned in {out['wall_s']:.1f} s")
     write_json(args.json, out)
     return 0
-
-
-def _bound(inp: PlanInput) -> float:
-    """A rough per-worker rate to start bisecting from: one prompt at a time on one worker."""
-    c = inp.cost
-    import random
-
-    rng = random.Random(inp.seed)
-    n = sum(inp.prompt(rng) for _ in range(200)) / 200
-    return 1.0 / c.step_s(int(n), n * n / 2, 0, 0)
 
 
 def _hourly(args: argparse.Namespace) -> list[float]:

@@ -22,6 +22,7 @@ it (each pool cut in proportion, the rate cut as much as the pool cut the most).
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,14 +61,23 @@ class Capacities:
     colocated: float
 
 
+def mean_lengths(inp: PlanInput, samples: int = 200) -> tuple[float, float]:
+    """(mean prompt tokens, mean output tokens) of the workload, from `samples` draws."""
+    rng = random.Random(inp.seed)
+    prompt = sum(inp.prompt(rng) for _ in range(samples)) / samples
+    output = sum(inp.output(rng) for _ in range(samples)) / samples
+    return prompt, output
+
+
+def bound_rate(inp: PlanInput) -> float:
+    """A rough per-worker rate to start bisecting from: one prompt at a time on one worker."""
+    n = mean_lengths(inp)[0]
+    return 1.0 / inp.cost.step_s(int(n), n * n / 2, 0, 0)
+
+
 def steady_s(inp: PlanInput) -> float:
     """Long enough for the pools to settle: five times a mean request's life at no load."""
-    import random
-
-    rng = random.Random(inp.seed)
-    n = 200
-    prompt = sum(inp.prompt(rng) for _ in range(n)) / n
-    output = sum(inp.output(rng) for _ in range(n)) / n
+    prompt, output = mean_lengths(inp)
     c = inp.cost
     alone = c.step_s(round(prompt), prompt * prompt / 2, 0, 0) + output * c.step_s(
         0, 0.0, 1, round(prompt + output / 2)
@@ -268,11 +278,7 @@ def plan_day(inp: PlanInput, caps: Capacities, hourly: list[float]) -> dict[str,
 
 def why(inp: PlanInput, caps: Capacities, samples: int = 2000) -> list[str]:
     """The reasons behind the ratio, in the cost model's own numbers."""
-    import random
-
-    rng = random.Random(inp.seed)
-    prompt = sum(inp.prompt(rng) for _ in range(samples)) / samples
-    output = sum(inp.output(rng) for _ in range(samples)) / samples
+    prompt, output = mean_lengths(inp, samples)
     c = inp.cost
     prefill_s = c.step_s(round(prompt), prompt * (prompt + 1) / 2, 0, 0)
     # sequences one decode worker holds at its capacity: Little's law at the TPOT target

@@ -43,13 +43,11 @@ def simulate(
     t0 = time.perf_counter()
     cluster = Cluster(config, cost)
     scaler = None
-    peak = [sum(len(ws) for ws in cluster.workers.values())]
     if autoscale is not None:
         if duration_s is None:
             raise ValueError("an autoscaled simulation needs duration_s")
         scaler = SimAutoscaler(cluster, autoscale)
         scaler.start(duration_s)
-        cluster.listeners.append(lambda _: _peak(cluster, peak))
     records = cluster.run(requests)
     summary = summarize((row(r) for r in records), ttft_s, tpot_s)
     return SimResult(
@@ -58,9 +56,5 @@ def simulate(
         scaler.samples if scaler else [],
         scaler.decisions if scaler else [],
         time.perf_counter() - t0,
-        peak[0] * config.gpus_per_worker,
+        cluster.peak_workers * config.gpus_per_worker,
     )
-
-
-def _peak(cluster: Cluster, peak: list[int]) -> None:
-    peak[0] = max(peak[0], sum(len(ws) for ws in cluster.workers.values()))

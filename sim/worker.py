@@ -56,11 +56,6 @@ def params_for(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def chunk_features(out: SchedulerOutput) -> tuple[int, float, int, int]:
-    """(prefill tokens, their summed context, decode sequences, their summed context)."""
-    return out.features()
-
-
 @dataclass(slots=True)
 class _Run:
     out: SchedulerOutput
@@ -158,7 +153,7 @@ class SimWorker:
         out = self.scheduler.schedule()
         if out.is_empty:
             return
-        pt, pc, ds, dc = chunk_features(out)
+        pt, pc, ds, dc = out.features()
         slow = 1.0
         if self.host is not None:
             slow = self.cost.host_factor(1 + sum(w.run is not None for w in self.host))
