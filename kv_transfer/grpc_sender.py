@@ -1,7 +1,8 @@
 """The prefill side of KV over gRPC (see kv_transfer.grpc_transport for the whole picture).
 
 begin(id, endpoint, tag) ── noted; nothing opened yet (the prompt may still be queued)
-send_layer(id, ...) ── first call opens Push(metadata: tag, deadline) ── pages enqueued
+send_layer(id, ...) ── first call opens Push(metadata: tag, deadline) ── pages enqueued;
+                        gRPC's stream thread gathers each chunk as it sends it
 finish(id, ...) ── done enqueued, outbound closed, wait for PushReply{READY}
 abort(id) / close() ── call cancelled: the decode worker fails and frees the transfer
 """
@@ -17,7 +18,7 @@ import torch
 
 from kv_transfer.auth import TAG_METADATA
 from kv_transfer.errors import KVTransferError
-from kv_transfer.grpc_codec import encode_chunk, encode_page
+from kv_transfer.grpc_codec import PageRef, encode_chunk
 from kv_transfer.heap import retain_freed_memory
 from kv_transfer.pages import DEFAULT_MAX_CHUNK_BYTES, block_chunks, block_nbytes
 from kv_transfer.state import TransferState
@@ -119,7 +120,9 @@ class GrpcKVSender:
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
     ) -> None:
-        """Copy layer `layer`'s pages into their messages now; they are sent in the background."""
+        """Queue layer `layer`'s pages: gRPC's stream thread gathers each chunk into its
+        message as it sends it. The caller keeps the source blocks until finish() or
+        abort() returns."""
         push, future = self._push(request_id)
         if future.done():  # the call already failed: stop computing for nothing
             self._raise_for(request_id, future, timeout_s=0.0)
@@ -128,7 +131,7 @@ class GrpcKVSender:
         for run in block_chunks(len(src_block_ids), block_nbytes(kv_cache), self.max_chunk_bytes):
             src = [src_block_ids[i] for i in run]
             dst = [dst_block_ids[i] for i in run]
-            push.outbound.put(encode_page(request_id, kv_cache, layer, src, dst))
+            push.outbound.put(PageRef(request_id, kv_cache, layer, src, dst))
 
     def finish(
         self, request_id: str, first_token_id: int, num_prompt_tokens: int, timeout_s: float = 30

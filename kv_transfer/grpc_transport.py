@@ -4,10 +4,10 @@
     begin(id, "host:port", tag): noted
     first send_layer ── opens Push (metadata: tag) ─> handler thread for the call;
                                                      tag == the reservation's? else refused
-    send_layer(id, kv, l, src, dst)                  for each KVChunk{page}:
-      gather kv[l, :, src] straight into KVChunk       crc32c/dtype/shape check,
-      messages, crc32c (caller's thread), enqueue;     table.landing(header) (blocks reserved?),
-      gRPC's stream thread sends ─ KVChunk{page} ──>   write into kv[l, :, dst] (one copy)
+    send_layer(id, kv, l, src, dst): queued          for each KVChunk{page}:
+      gRPC's stream thread, per chunk: gather          dtype/shape check,
+      kv[l, :, src] into the message + crc32c,         table.landing(header) (blocks reserved?),
+      send ─────────────── KVChunk{page} ──────────>   write into kv[l, :, dst] (one copy) + crc32c
     finish(id, token, n) ─── KVChunk{done} ──────>   table.on_done -> READY: on_ready(transfer)
       waits for the reply <── PushReply{READY} ────                  FAILED: on_failed(transfer)
     any error: KVTransferError in the prefill;       bad page / unknown request / client
@@ -21,7 +21,8 @@ MAX_PUSHES get RESOURCE_EXHAUSTED at once (the router retries elsewhere).
 
 The sender is kv_transfer.grpc_sender. Pages are framed by kv_transfer.grpc_codec: gathered
 once into the message on send, viewed (not copied) on receive; the bytes on the wire are
-ordinary KVChunks.
+ordinary KVChunks. kv_transfer.page_copy sums each slice of a payload as it is copied,
+while it is in cache: a bad sum fails the transfer after its (reserved) blocks were written.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from kv_transfer.errors import (
 from kv_transfer.grpc_codec import InboundPage, decode_chunk, header_from_proto
 from kv_transfer.grpc_sender import GRPC_OPTIONS, GrpcKVSender
 from kv_transfer.heap import retain_freed_memory
+from kv_transfer.page_copy import fused_ok, land_checksummed
 from kv_transfer.pages import check_page, write_pages
 from kv_transfer.state import KVTransfer, TransferState, TransferTable
 from kv_transfer.tls import KVTLS
@@ -197,9 +199,13 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
 
     def _land(self, page: pb.KVPage, payload: memoryview) -> int:
         header = header_from_proto(page)
-        check_page(self.kv_cache, header, payload)
+        fused = fused_ok(self.kv_cache)  # summed as it lands (a bad sum fails the transfer)
+        check_page(self.kv_cache, header, payload, checksum=not fused)
         with self.table.landing(header):
-            write_pages(self.kv_cache, header, payload, verify=False)
+            if fused:
+                land_checksummed(self.kv_cache, header, payload)
+            else:
+                write_pages(self.kv_cache, header, payload, verify=False)
         return payload.nbytes
 
     def _announce(self, transfer: KVTransfer) -> None:

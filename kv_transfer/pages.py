@@ -164,15 +164,18 @@ def check_layout(kv_cache: torch.Tensor, header: KVPageHeader) -> None:
         raise KVTransferError(f"{rid}: destination block out of range [0, {num_blocks})")
 
 
-def check_page(kv_cache: torch.Tensor, header: KVPageHeader, payload) -> None:
-    """check_layout, plus the payload's size and checksum (ChecksumMismatchError)."""
+def check_page(
+    kv_cache: torch.Tensor, header: KVPageHeader, payload, checksum: bool = True
+) -> None:
+    """check_layout, plus the payload's size and (unless told not to: the caller sums it
+    as it copies) its checksum (ChecksumMismatchError)."""
     check_layout(kv_cache, header)
     size = memoryview(payload).nbytes
     if size != header.nbytes:
         raise KVTransferError(
             f"{header.request_id}: payload is {size} bytes, header says {header.nbytes}"
         )
-    if payload_checksum(payload) != header.checksum:
+    if checksum and payload_checksum(payload) != header.checksum:
         raise ChecksumMismatchError(
             f"{header.request_id}: checksum mismatch on layer {header.layer} (corrupt pages)"
         )

@@ -107,7 +107,7 @@ def test_grpc_corrupt_page_fails_transfer_and_sender(decode_side, sender, monkey
 
     def corrupt(item):
         data = bytearray(real(item))
-        if isinstance(item, bytes):  # a page (done chunks are protobuf messages)
+        if isinstance(item, gt.PageRef):  # a page (done chunks are protobuf messages)
             data[-1] ^= 0xFF  # flip bits in the payload's last byte
         return bytes(data)
 

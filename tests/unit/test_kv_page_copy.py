@@ -1,0 +1,80 @@
+"""Pages copied slice by slice with their CRC-32C summed as they go (kv_transfer.page_copy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kv_transfer.page_copy as page_copy
+from kv_transfer.errors import ChecksumMismatchError
+from kv_transfer.grpc_codec import PageRef, decode_chunk, encode_chunk, header_from_proto
+from kv_transfer.page_copy import fresh_bytes, gather_checksummed, land_checksummed
+from kv_transfer.pages import gather_pages, make_header, payload_checksum, payload_view
+
+
+def _cache(dtype, blocks=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((3, 2, blocks, 16, 3, 64), generator=g).to(dtype)
+
+
+IDS = {
+    "consecutive": list(range(5, 22)),
+    "shuffled": torch.randperm(40, generator=torch.Generator().manual_seed(1))[:17].tolist(),
+    "runs": [1, 2, 3, 9, 10, 30, 31, 32, 33, 0],
+}
+
+
+@pytest.fixture(params=[1 << 20, 7_000])  # one slice a half; several (some of one block)
+def slices(request, monkeypatch):
+    monkeypatch.setattr(page_copy, "SLICE_BYTES", request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", IDS.values(), ids=IDS.keys())
+def test_gather_equals_the_pages_and_their_crc(slices, dtype, ids):
+    kv = _cache(dtype)
+    want = gather_pages(kv, 1, ids)
+    buffer, view = fresh_bytes(want.numel() * want.element_size())
+    checksum = gather_checksummed(view, kv, 1, ids)
+    assert bytes(buffer) == bytes(payload_view(want))
+    assert checksum == payload_checksum(payload_view(want))
+
+
+@pytest.mark.parametrize("ids", IDS.values(), ids=IDS.keys())
+def test_land_writes_only_the_destination_blocks(slices, ids):
+    src, dst = _cache(torch.bfloat16), torch.zeros(3, 2, 40, 16, 3, 64, dtype=torch.bfloat16)
+    pages = gather_pages(src, 2, list(range(len(ids))))
+    header = make_header("r", 2, ids, pages, payload_view(pages))
+    land_checksummed(dst, header, bytes(payload_view(pages)))  # bytes: as received
+    assert torch.equal(dst[2][:, ids], pages)
+    others = [b for b in range(40) if b not in ids]
+    assert not dst[2][:, others].any() and not dst[:2].any()
+
+
+def test_land_raises_on_a_corrupt_payload_and_stays_in_its_blocks(slices):
+    src, dst = _cache(torch.float32), torch.zeros(3, 2, 40, 16, 3, 64)
+    pages = gather_pages(src, 0, [4, 5, 6])
+    header = make_header("r", 0, [7, 8, 9], pages, payload_view(pages))
+    corrupt = bytearray(payload_view(pages))
+    corrupt[-1] ^= 0x01
+    with pytest.raises(ChecksumMismatchError, match="checksum mismatch on layer 0"):
+        land_checksummed(dst, header, bytes(corrupt))
+    assert not dst[:, :, [b for b in range(40) if b not in (7, 8, 9)]].any()
+
+
+def test_a_page_ref_encodes_to_a_checked_kv_chunk():
+    # what gRPC sends for a queued page: an ordinary KVChunk whose payload and crc check
+    kv = _cache(torch.bfloat16)
+    message = encode_chunk(PageRef("r", kv, 2, [3, 1, 2], [0, 5, 6]))
+    assert isinstance(message, bytes)
+    page = decode_chunk(message)
+    header = header_from_proto(page.header)
+    assert header.dst_block_ids == (0, 5, 6) and header.layer == 2
+    assert bytes(page.payload) == bytes(payload_view(gather_pages(kv, 2, [3, 1, 2])))
+    assert header.checksum == payload_checksum(page.payload)
+
+
+def test_fresh_bytes_are_bytes_filled_in_place():
+    buffer, view = fresh_bytes(5)
+    view[:] = b"hello"
+    assert isinstance(buffer, bytes) and buffer == b"hello"
