@@ -146,12 +146,44 @@ def paged_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
             meta.use_triton,
         )  # fmt: skip
-    for p in meta.prefills:
-        rows = slice(p.query_start, p.query_start + p.query_len)
-        if p.context_len == p.query_len:  # nothing cached before the chunk: use its own K/V
+    for group in fresh_runs(meta.prefills):
+        p = group[0]
+        rows = slice(p.query_start, p.query_start + p.query_len * len(group))
+        if len(group) > 1:  # same-length prompts, adjacent: one call for all of them
+            out[rows] = batched_causal_attention(q[rows], k[rows], v[rows], len(group), scale)
+        elif p.context_len == p.query_len:  # nothing cached before the chunk: its own K/V
             out[rows] = causal_attention(q[rows], k[rows], v[rows], scale)
         else:
             out[rows] = paged_prefill_attention(
                 q[rows], k_cache, v_cache, p.block_ids, p.context_len, scale
             )
     return out
+
+
+def fresh_runs(prefills: list[PrefillChunkMeta]) -> list[list[PrefillChunkMeta]]:
+    """The step's prefill chunks in order, adjacent whole prompts of one length (nothing
+    cached before them) grouped: a wave of equal prompts is one attention call a layer, not
+    one per prompt (16 prompts of 128 tokens, bf16, 2 threads: 2.1 vs 4.2 ms a layer)."""
+    runs: list[list[PrefillChunkMeta]] = []
+    for p in prefills:
+        last = runs[-1][-1] if runs else None
+        if (
+            last is not None
+            and p.context_len == p.query_len == last.query_len == last.context_len
+            and p.query_start == last.query_start + last.query_len
+        ):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def batched_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompts: int, scale: float
+) -> torch.Tensor:
+    """causal_attention of `prompts` adjacent prompts of one length S in one call: q, k, v
+    [prompts * S, heads, D] viewed (not copied) as [prompts, heads, S, D]."""
+    t, h, d = q.shape
+    qh, kh, vh = (x.view(prompts, t // prompts, -1, d).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(t, h, d)

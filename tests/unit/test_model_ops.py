@@ -124,3 +124,44 @@ def _rope_config(head_dim: int) -> ModelConfig:
         rope_theta=100000.0, rope_scaling=None, max_position_embeddings=2048,
         tie_word_embeddings=True, attention_bias=False,
     )  # fmt: skip
+
+
+def _prefill_step(lengths_cached):
+    """A step's attention metadata: prefill chunks of (query_len, cached tokens), adjacent,
+    each over its own blocks of a 16-token-block cache."""
+    from engine.attention import AttentionMetadata, PrefillChunkMeta
+
+    prefills, slots, start, block = [], [], 0, 0
+    for query_len, cached in lengths_cached:
+        context = cached + query_len
+        blocks = list(range(block, block + -(-context // 16)))
+        block += len(blocks)
+        prefills.append(PrefillChunkMeta(start, query_len, context, torch.tensor(blocks)))
+        slots += [blocks[p // 16] * 16 + p % 16 for p in range(cached, context)]
+        start += query_len
+    return AttentionMetadata(slot_mapping=torch.tensor(slots), prefills=prefills), start, block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_of_one_length_share_a_call_with_the_same_result(dtype):
+    # 3 adjacent fresh prompts of 24 tokens go as one batched call; the 10-token prompt and the
+    # chunk after 16 cached tokens stay alone: every row equals its prompt's own attention
+    from engine.attention import causal_attention, fresh_runs, paged_attention
+
+    chunks = [(24, 0), (24, 0), (24, 0), (10, 0), (8, 16), (24, 0)]
+    meta, tokens, blocks = _prefill_step(chunks)
+    assert [len(r) for r in fresh_runs(meta.prefills)] == [3, 1, 1, 1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(tokens, h, 64, generator=g).to(dtype) for h in (6, 2, 2))
+    k_cache = torch.randn(blocks, 16, 2, 64, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, 16, 2, 64, generator=g).to(dtype)
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, 0.125)
+    for p in meta.prefills:
+        rows = slice(p.query_start, p.query_start + p.query_len)
+        if p.context_len == p.query_len:
+            want = causal_attention(q[rows], k[rows], v[rows], 0.125)
+        else:  # its context is the cache (its own K/V were written there)
+            kc = k_cache[p.block_ids].view(-1, 2, 64)[: p.context_len]
+            vc = v_cache[p.block_ids].view(-1, 2, 64)[: p.context_len]
+            want = causal_attention(q[rows], kc, vc, 0.125)
+        torch.testing.assert_close(out[rows], want, rtol=0, atol=0)
