@@ -19,7 +19,10 @@ held in AMX tiles for engine/csrc/amx_linear.cpp, which streams it at 20-27 GB/s
 oneDNN's packed GEMM reaches 10-18 (1-32 rows, the default model's layer shapes, 2 threads):
 1.3-2x faster, the decode step being bound by reading its weights. Its fp32 sums run in
 another order than oneDNN's, so its results may differ from F.linear's by one bf16 rounding.
-Above it (prefill) oneDNN is faster (2.2-3.0 vs 1.6-2.3 TFLOP/s at 2,048-4,096 rows).
+It is also the faster up to 1,024 rows (a prompt or a few): the layer GEMMs of the default
+model, 2 threads, AMX vs oneDNN: 1.87 vs 1.31 TFLOP/s at 128 rows, 1.92 vs 1.52 at 512, 2.11
+vs 1.82 at 1,024; prefill waves of 4 / 8 prompts of 128 tokens 153 -> 137 / 244 -> 232 ms.
+Above it oneDNN is faster (2.09 vs 1.80 TFLOP/s at 2,048 rows, 2.11 vs 1.59 at 4,096).
 
     weights loaded ──pack()──> packed copy (CPU: fp32 with MKL, bf16 with oneDNN bf16;
                                 else a no-op)
@@ -40,7 +43,7 @@ from engine import cpu_kernels
 PACKED_MIN_ROWS = 5
 PACKED_MAX_ROWS = 64
 _PACK_HINT_ROWS = 32  # MKL's packed B layout does not depend on the row count it is told
-AMX_MAX_ROWS = 256
+AMX_MAX_ROWS = 1024
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
