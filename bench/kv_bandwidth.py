@@ -34,8 +34,8 @@ from multiprocessing.process import BaseProcess
 import grpc
 import torch
 
+from engine.heap import retain_freed_memory
 from kv_transfer.grpc_transport import GRPC_OPTIONS, GrpcKVSender, GrpcKVServer
-from kv_transfer.heap import retain_freed_memory
 from kv_transfer.pages import DEFAULT_MAX_CHUNK_BYTES, payload_checksum, payload_view
 from kv_transfer.state import TransferTable
 

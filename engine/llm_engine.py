@@ -18,6 +18,7 @@ import torch
 from engine.config import ModelConfig
 from engine.engine_config import EngineConfig
 from engine.errors import InvalidRequestError, check_prompt
+from engine.heap import retain_freed_memory
 from engine.loader import load_config, load_state_dict, load_tokenizer, resolve_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimings
@@ -84,6 +85,7 @@ def check_kv_capacity(config: EngineConfig) -> None:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        retain_freed_memory()  # a step's activations reuse heap memory (engine.heap)
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import grpc
 import torch
 
+from engine.heap import retain_freed_memory
 from kv_transfer.auth import TAG_METADATA
 from kv_transfer.errors import KVTransferError
 from kv_transfer.grpc_codec import PageRef, encode_chunk
-from kv_transfer.heap import retain_freed_memory
 from kv_transfer.pages import DEFAULT_MAX_CHUNK_BYTES, block_chunks, block_nbytes
 from kv_transfer.state import TransferState
 from kv_transfer.tls import KVTLS

@@ -34,6 +34,7 @@ from concurrent import futures
 import grpc
 import torch
 
+from engine.heap import retain_freed_memory
 from kv_transfer.auth import TAG_METADATA, tags_match
 from kv_transfer.errors import (
     ChecksumMismatchError,
@@ -43,7 +44,6 @@ from kv_transfer.errors import (
 )
 from kv_transfer.grpc_codec import InboundPage, decode_chunk, header_from_proto
 from kv_transfer.grpc_sender import GRPC_OPTIONS, GrpcKVSender
-from kv_transfer.heap import retain_freed_memory
 from kv_transfer.page_copy import fused_ok, land_checksummed
 from kv_transfer.pages import check_page, write_pages
 from kv_transfer.state import KVTransfer, TransferState, TransferTable
