@@ -121,8 +121,10 @@ class GrpcKVSender:
         dst_block_ids: Sequence[int],
     ) -> None:
         """Queue layer `layer`'s pages: gRPC's stream thread gathers each chunk into its
-        message as it sends it. The caller keeps the source blocks until finish() or
-        abort() returns."""
+        message as it sends it, in order. The caller keeps the source blocks until
+        finish() returns. After abort() one chunk already taken may still read them: its
+        call is cancelled, so what it read is never used. A block sent again later (the
+        partial last block of a prefill chunk) lands last, with the later contents."""
         push, future = self._push(request_id)
         if future.done():  # the call already failed: stop computing for nothing
             self._raise_for(request_id, future, timeout_s=0.0)
