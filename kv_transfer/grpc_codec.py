@@ -22,13 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from kv_transfer.errors import KVTransferError
-from kv_transfer.page_copy import fresh_bytes, fused_ok, gather_checksummed
+from kv_transfer.page_copy import fresh_bytes, gather_page
 from kv_transfer.pages import (
     KVPageHeader,
     block_nbytes,
     dtype_name,
-    gather_pages_into,
-    payload_checksum,
 )
 from splitserve_proto import kv_transfer_pb2 as pb
 
@@ -73,12 +71,7 @@ def encode_page(
     message, view = fresh_bytes(len(prefix) + size)
     view[: len(prefix)] = prefix
     payload = view[len(prefix) :]
-    if fused_ok(kv_cache):
-        checksum = gather_checksummed(payload, kv_cache, layer, src_block_ids)
-    else:
-        out = torch.frombuffer(payload, dtype=torch.uint8)
-        gather_pages_into(out, kv_cache, layer, src_block_ids)
-        checksum = payload_checksum(payload)
+    checksum = gather_page(payload, kv_cache, layer, src_block_ids)
     view[checksum_at : checksum_at + 4] = checksum.to_bytes(4, "little")
     payload.release()
     view.release()

@@ -44,8 +44,8 @@ from kv_transfer.errors import (
 )
 from kv_transfer.grpc_codec import InboundPage, decode_chunk, header_from_proto
 from kv_transfer.grpc_sender import GRPC_OPTIONS, GrpcKVSender
-from kv_transfer.page_copy import fused_ok, land_checksummed
-from kv_transfer.pages import check_page, write_pages
+from kv_transfer.page_copy import land_page
+from kv_transfer.pages import check_page
 from kv_transfer.state import KVTransfer, TransferState, TransferTable
 from kv_transfer.tls import KVTLS
 from splitserve_proto import kv_transfer_pb2 as pb
@@ -199,13 +199,9 @@ class GrpcKVServer(pb_grpc.KVTransferServicer):
 
     def _land(self, page: pb.KVPage, payload: memoryview) -> int:
         header = header_from_proto(page)
-        fused = fused_ok(self.kv_cache)  # summed as it lands (a bad sum fails the transfer)
-        check_page(self.kv_cache, header, payload, checksum=not fused)
+        check_page(self.kv_cache, header, payload, checksum=False)  # land_page sums it
         with self.table.landing(header):
-            if fused:
-                land_checksummed(self.kv_cache, header, payload)
-            else:
-                write_pages(self.kv_cache, header, payload, verify=False)
+            land_page(self.kv_cache, header, payload)
         return payload.nbytes
 
     def _announce(self, transfer: KVTransfer) -> None:

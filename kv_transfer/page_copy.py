@@ -25,13 +25,21 @@ from collections.abc import Sequence
 import crc32c
 import torch
 
-from kv_transfer.errors import ChecksumMismatchError
-from kv_transfer.pages import KVPageHeader, block_chunks, block_nbytes, payload_view
+from kv_transfer.pages import (
+    KVPageHeader,
+    block_chunks,
+    block_nbytes,
+    check_checksum,
+    gather_pages_into,
+    payload_checksum,
+    payload_view,
+    write_pages,
+)
 
 SLICE_BYTES = 1 << 20  # inside a core's L2 (2 MiB here)
 
 
-def fused_ok(kv_cache: torch.Tensor) -> bool:
+def _fused_ok(kv_cache: torch.Tensor) -> bool:
     """Whether the cache can be copied slice by slice here (a contiguous CPU tensor)."""
     return kv_cache.device.type == "cpu" and kv_cache.is_contiguous()
 
@@ -51,56 +59,64 @@ class _Layer:
         self.ids = ids
         self._index: torch.Tensor | None = None
 
-    def slices(self) -> list[tuple[int, range, int]]:
-        """(half, positions, payload offset) per slice, in payload order."""
+    def slices(self, data: memoryview) -> list[tuple[int, range, memoryview]]:
+        """(half, positions, their piece of `data`) per slice, in payload order."""
         n = len(self.ids)
         runs = block_chunks(n, self.half, SLICE_BYTES)
-        return [(h, run, (h * n + run.start) * self.half) for h in (0, 1) for run in runs]
+        return [
+            (h, run, data[(h * n + run.start) * self.half : (h * n + run.stop) * self.half])
+            for h in (0, 1)
+            for run in runs
+        ]
 
-    def index(self, run: range) -> torch.Tensor:
+    def copy(self, h: int, run: range, piece: memoryview, into_cache: bool) -> None:
+        """Copy the blocks at `run` of half `h` into `piece`, or `piece` into them: one
+        memcpy for a run of consecutive blocks, an index op otherwise."""
+        if _consecutive(self.ids, run):
+            start = (h * self.blocks + self.ids[run.start]) * self.half
+            cache = self.bytes[start : start + piece.nbytes]
+            if into_cache:
+                cache[:] = piece
+            else:
+                piece[:] = cache
+            return
         if self._index is None:
             self._index = torch.tensor(list(self.ids), dtype=torch.long)
-        return self._index[run.start : run.stop]
-
-    def offset(self, h: int, run: range) -> int:
-        return (h * self.blocks + self.ids[run.start]) * self.half
-
-
-def gather_checksummed(out: memoryview, kv_cache: torch.Tensor, layer: int, src_ids) -> int:
-    """Copy kv[layer, :, src_ids] into `out` (writable, their size); returns its CRC-32C."""
-    cache, crc = _Layer(kv_cache, layer, src_ids), 0
-    for h, run, at in cache.slices():
-        size = len(run) * cache.half
-        piece = out[at : at + size]
-        if _consecutive(src_ids, run):
-            start = cache.offset(h, run)
-            piece[:] = cache.bytes[start : start + size]
+        index = self._index[run.start : run.stop]
+        rows = torch.frombuffer(piece, dtype=torch.uint8).view(len(run), self.half)
+        if into_cache:
+            self.tensor[h].index_copy_(0, index, rows)
         else:
-            rows = torch.frombuffer(piece, dtype=torch.uint8).view(len(run), cache.half)
-            torch.index_select(cache.tensor[h], 0, cache.index(run), out=rows)
+            torch.index_select(self.tensor[h], 0, index, out=rows)
+
+
+def gather_page(out: memoryview, kv_cache: torch.Tensor, layer: int, src_ids) -> int:
+    """Copy kv[layer, :, src_ids] into `out` (writable, their size); returns its CRC-32C,
+    each slice summed right after its copy on a CPU cache (elsewhere: gathered on the
+    device, copied over, then summed)."""
+    if not _fused_ok(kv_cache):
+        gather_pages_into(torch.frombuffer(out, dtype=torch.uint8), kv_cache, layer, src_ids)
+        return payload_checksum(out)
+    cache, crc = _Layer(kv_cache, layer, src_ids), 0
+    for h, run, piece in cache.slices(out):
+        cache.copy(h, run, piece, into_cache=False)
         crc = crc32c.crc32c(piece, crc, 0)  # 0: keep the GIL (measured faster here)
     return crc
 
 
-def land_checksummed(kv_cache: torch.Tensor, header: KVPageHeader, payload) -> None:
-    """Write a payload (layout already checked) into kv[layer, :, dst]; raise
-    ChecksumMismatchError after the write if its CRC-32C is not the header's."""
-    data = memoryview(payload).cast("B")
+def land_page(kv_cache: torch.Tensor, header: KVPageHeader, payload) -> None:
+    """Write a payload (layout and size already checked) into kv[layer, :, dst] and verify
+    its CRC-32C (ChecksumMismatchError). On a CPU cache each slice is summed then copied,
+    and a bad sum is found after the write; elsewhere it is checked before."""
+    if not _fused_ok(kv_cache):
+        check_checksum(header, payload_checksum(payload))
+        write_pages(kv_cache, header, payload, verify=False)
+        return
     cache, crc = _Layer(kv_cache, header.layer, header.dst_block_ids), 0
-    for h, run, at in cache.slices():
-        size = len(run) * cache.half
-        piece = data[at : at + size]
+    for h, run, piece in cache.slices(memoryview(payload).cast("B")):
         crc = crc32c.crc32c(piece, crc, 0)  # 0: keep the GIL (measured faster here)
-        if _consecutive(cache.ids, run):
-            start = cache.offset(h, run)
-            cache.bytes[start : start + size] = piece
-        else:
-            rows = torch.frombuffer(piece, dtype=torch.uint8).view(len(run), cache.half)
-            cache.tensor[h].index_copy_(0, cache.index(run), rows)
-    if crc != header.checksum:
-        raise ChecksumMismatchError(
-            f"{header.request_id}: checksum mismatch on layer {header.layer} (corrupt pages)"
-        )
+        cache.copy(h, run, piece, into_cache=True)
+    check_checksum(header, crc)
 
 
 # ---- a `bytes` to fill in place -------------------------------------------------------------

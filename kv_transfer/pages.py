@@ -175,7 +175,13 @@ def check_page(
         raise KVTransferError(
             f"{header.request_id}: payload is {size} bytes, header says {header.nbytes}"
         )
-    if checksum and payload_checksum(payload) != header.checksum:
+    if checksum:
+        check_checksum(header, payload_checksum(payload))
+
+
+def check_checksum(header: KVPageHeader, checksum: int) -> None:
+    """ChecksumMismatchError unless `checksum` (the payload's CRC-32C) is the header's."""
+    if checksum != header.checksum:
         raise ChecksumMismatchError(
             f"{header.request_id}: checksum mismatch on layer {header.layer} (corrupt pages)"
         )

@@ -8,7 +8,7 @@ import torch
 import kv_transfer.page_copy as page_copy
 from kv_transfer.errors import ChecksumMismatchError
 from kv_transfer.grpc_codec import PageRef, decode_chunk, encode_chunk, header_from_proto
-from kv_transfer.page_copy import fresh_bytes, gather_checksummed, land_checksummed
+from kv_transfer.page_copy import fresh_bytes, gather_page, land_page
 from kv_transfer.pages import gather_pages, make_header, payload_checksum, payload_view
 
 
@@ -35,7 +35,7 @@ def test_gather_equals_the_pages_and_their_crc(slices, dtype, ids):
     kv = _cache(dtype)
     want = gather_pages(kv, 1, ids)
     buffer, view = fresh_bytes(want.numel() * want.element_size())
-    checksum = gather_checksummed(view, kv, 1, ids)
+    checksum = gather_page(view, kv, 1, ids)
     assert bytes(buffer) == bytes(payload_view(want))
     assert checksum == payload_checksum(payload_view(want))
 
@@ -45,7 +45,7 @@ def test_land_writes_only_the_destination_blocks(slices, ids):
     src, dst = _cache(torch.bfloat16), torch.zeros(3, 2, 40, 16, 3, 64, dtype=torch.bfloat16)
     pages = gather_pages(src, 2, list(range(len(ids))))
     header = make_header("r", 2, ids, pages, payload_view(pages))
-    land_checksummed(dst, header, bytes(payload_view(pages)))  # bytes: as received
+    land_page(dst, header, bytes(payload_view(pages)))  # bytes: as received
     assert torch.equal(dst[2][:, ids], pages)
     others = [b for b in range(40) if b not in ids]
     assert not dst[2][:, others].any() and not dst[:2].any()
@@ -58,7 +58,7 @@ def test_land_raises_on_a_corrupt_payload_and_stays_in_its_blocks(slices):
     corrupt = bytearray(payload_view(pages))
     corrupt[-1] ^= 0x01
     with pytest.raises(ChecksumMismatchError, match="checksum mismatch on layer 0"):
-        land_checksummed(dst, header, bytes(corrupt))
+        land_page(dst, header, bytes(corrupt))
     assert not dst[:, :, [b for b in range(40) if b not in (7, 8, 9)]].any()
 
 
