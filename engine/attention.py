@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.cpu_attention import paged_decode_attention_cpu
+from engine.cpu_attention import (
+    paged_decode_attention_cpu,
+    prefill_attention_cpu,
+    prefill_kernel_applies,
+)
 
 
 @dataclass(slots=True)
@@ -146,7 +150,7 @@ def paged_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
             meta.use_triton,
         )  # fmt: skip
-    for group in fresh_runs(meta.prefills):
+    for group in fresh_runs(_amx_fresh_prompts(q, k, v, out, meta.prefills, scale)):
         p = group[0]
         rows = slice(p.query_start, p.query_start + p.query_len * len(group))
         if len(group) > 1:  # same-length prompts, adjacent: one call for all of them
@@ -158,6 +162,18 @@ def paged_attention(
                 q[rows], k_cache, v_cache, p.block_ids, p.context_len, scale
             )
     return out
+
+
+def _amx_fresh_prompts(q, k, v, out, prefills: list[PrefillChunkMeta], scale: float):
+    """Where the AMX kernel applies (bf16 on CPU, engine.cpu_attention), every whole prompt
+    of the step (nothing cached before it), of any length, in one call into `out`; the chunks
+    left for the paths below."""
+    fresh = [p for p in prefills if p.context_len == p.query_len]
+    if not fresh or not prefill_kernel_applies(q, k):
+        return prefills
+    starts, lens = [p.query_start for p in fresh], [p.query_len for p in fresh]
+    prefill_attention_cpu(q, k, v, out, starts, lens, scale)
+    return [p for p in prefills if p.context_len != p.query_len]
 
 
 def fresh_runs(prefills: list[PrefillChunkMeta]) -> list[list[PrefillChunkMeta]]:

@@ -50,3 +50,36 @@ def paged_decode_attention_cpu(
     # costs ~70 us even with no profiler on (2 ms a step): named in profiles only
     with torch.profiler.record_function("splitserve::paged_decode_cpu"):
         return kernel.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_kernel_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """bf16 on a CPU whose AMX this process may use, head dim 64 or 128, whole rows: what
+    csrc/prefill_attention.cpp handles (else torch's SDPA serves)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16:
+        return False
+    if q.shape[-1] not in (64, 128) or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return False
+    kernel = cpu_kernels.load()
+    return kernel is not None and bool(kernel.amx_available())
+
+
+def prefill_attention_cpu(
+    q: torch.Tensor,  # [T, H, D] bf16 (a view of the fused projection is fine)
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D]: the prompts' rows are written
+    starts: list[int],
+    lens: list[int],
+    scale: float,
+) -> None:
+    """Causal self-attention of whole prompts (rows starts[i] .. starts[i] + lens[i] - 1 of
+    the step, nothing cached before them), of any lengths, in one call. Check
+    `prefill_kernel_applies` first. 16 prompts of 128 tokens / one of 2,048 (head dim 64,
+    2 threads): 3-4x / 2x faster than torch's fused SDPA (measured in bench.prefill_attention)."""
+    kernel = cpu_kernels.load()
+    assert kernel is not None
+    if not torch.autograd.profiler._is_profiler_enabled:
+        kernel.prefill_attention(q, k, v, out, starts, lens, scale)
+        return
+    with torch.profiler.record_function("splitserve::prefill_attention_cpu"):
+        kernel.prefill_attention(q, k, v, out, starts, lens, scale)

@@ -4,6 +4,8 @@
     csrc/elementwise.cpp    fused SwiGLU and residual add + RMSNorm, for bf16 (engine.model)
     csrc/rope_kv.cpp        rotary embedding and the KV-cache write in one pass, bf16 (engine.model)
     csrc/amx_linear.cpp     bf16 linear layers on AMX tiles, for decode's row counts (engine.linear)
+    csrc/prefill_attention.cpp  causal attention of whole prompts on AMX tiles, bf16
+                            (engine.cpu_attention)
     csrc/vec512.h           the AVX-512 helpers they share
     csrc/bindings.cpp       the Python module
 
@@ -33,6 +35,7 @@ _SOURCES = (
     "elementwise.cpp",
     "amx_linear.cpp",
     "rope_kv.cpp",
+    "prefill_attention.cpp",
     "bindings.cpp",
 )
 _HEADERS = ("vec512.h",)

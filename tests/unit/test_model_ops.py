@@ -143,10 +143,14 @@ def _prefill_step(lengths_cached):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prompts_of_one_length_share_a_call_with_the_same_result(dtype):
+def test_prompts_of_one_length_share_a_call_with_the_same_result(dtype, monkeypatch):
     # 3 adjacent fresh prompts of 24 tokens go as one batched call; the 10-token prompt and the
-    # chunk after 16 cached tokens stay alone: every row equals its prompt's own attention
+    # chunk after 16 cached tokens stay alone: every row equals its prompt's own attention.
+    # (torch's paths: where AMX is, bf16 fresh prompts go to its kernel, test_prefill_attention)
+    from engine import attention
     from engine.attention import causal_attention, fresh_runs, paged_attention
+
+    monkeypatch.setattr(attention, "prefill_kernel_applies", lambda q, k: False)
 
     chunks = [(24, 0), (24, 0), (24, 0), (10, 0), (8, 16), (24, 0)]
     meta, tokens, blocks = _prefill_step(chunks)
