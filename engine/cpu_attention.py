@@ -1,4 +1,5 @@
-"""Paged decode attention for float32 and bfloat16 on CPU, reading K and V out of the pages.
+"""CPU attention kernels: paged decode for float32 and bfloat16, reading K and V out of the
+pages, and AMX prefill of whole prompts.
 
 The torch path (engine.attention.paged_decode_attention) gathers each sequence's pages into
 a contiguous copy and runs SDPA on it: K and V are read twice and written once per layer.
@@ -11,6 +12,10 @@ This kernel walks the block table and reads each K and V row once:
 
 It is C++ (csrc/paged_decode.cpp: AVX-512 for head dims 64 and 128, portable loops for the
 rest), built by engine.cpu_kernels; where it cannot be built the torch path is used.
+
+Prefill of whole prompts in bf16 on a CPU with AMX: `prefill_attention_cpu`
+(csrc/prefill_attention.cpp, flash attention on AMX tiles), every fresh prompt of a step in
+one call a layer; elsewhere torch's SDPA (engine.attention).
 """
 
 from __future__ import annotations
@@ -74,8 +79,9 @@ def prefill_attention_cpu(
 ) -> None:
     """Causal self-attention of whole prompts (rows starts[i] .. starts[i] + lens[i] - 1 of
     the step, nothing cached before them), of any lengths, in one call. Check
-    `prefill_kernel_applies` first. 16 prompts of 128 tokens / one of 2,048 (head dim 64,
-    2 threads): 3-4x / 2x faster than torch's fused SDPA (measured in bench.prefill_attention)."""
+    `prefill_kernel_applies` first. A layer of the default model (head dim 64, 2 threads),
+    torch's fused SDPA -> this kernel: 16 prompts of 128 tokens 1.25 -> 0.96 ms, 4 of 512
+    3.18 -> 1.82 ms, one of 2,048 8.11 -> 5.51 ms (its softmax, not the tiles, bounds it)."""
     kernel = cpu_kernels.load()
     assert kernel is not None
     if not torch.autograd.profiler._is_profiler_enabled:
