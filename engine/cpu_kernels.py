@@ -6,7 +6,7 @@
     csrc/amx_linear.cpp     bf16 linear layers on AMX tiles, for decode's row counts (engine.linear)
     csrc/prefill_attention.cpp  causal attention of whole prompts on AMX tiles, bf16
                             (engine.cpu_attention)
-    csrc/vec512.h           the AVX-512 helpers they share
+    csrc/vec512.h           the AVX-512 helpers they share; csrc/amx_tiles.h the AMX tile config
     csrc/bindings.cpp       the Python module
 
 torch's cpp_extension builds them once (gcc, -O3 -march=native, OpenMP), cached under
@@ -38,7 +38,7 @@ _SOURCES = (
     "prefill_attention.cpp",
     "bindings.cpp",
 )
-_HEADERS = ("vec512.h",)
+_HEADERS = ("vec512.h", "amx_tiles.h")
 
 
 def _cpu_tag() -> str:

@@ -16,6 +16,8 @@
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "amx_tiles.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -23,14 +25,6 @@ namespace {
 constexpr long kReqXcompPerm = 0x1023;  // arch_prctl: ask Linux for the AMX tile state
 constexpr long kXfeatureTileData = 18;
 constexpr int64_t kRowBlock = 256;  // rows of x per pass over the weight: they stay in L2
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles: 0,1 accumulate rows 0-15 x column tiles 0,1; 2,3 rows 16-31; 4,5 those rows of x;
 // 6,7 the two weight tiles.

@@ -29,6 +29,8 @@ bool amx_available();  // amx_linear.cpp
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "amx_tiles.h"
+
 #include "vec512.h"
 
 namespace {
@@ -36,14 +38,6 @@ using bf16 = c10::BFloat16;
 constexpr int kBlock = 32;  // query rows, and keys, per block
 constexpr int kTile = 512;  // bf16 elements in one 16-row x 64-byte tile
 constexpr int kKeys = 128;  // keys per softmax step (4 blocks of 32)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Every tile 16 rows of 64 bytes. 0-3: accumulators; 4, 5: A (Q or P rows 0-15, 16-31);
 // 6, 7: B (K or V).
@@ -138,18 +132,6 @@ void block_scores(const bf16* q, const bf16* kp, int64_t k0, int width, float* s
     _tile_stored(2, at + 16 * kKeys, kKeys * 4);
     _tile_stored(3, at + 16 * kKeys + 16, kKeys * 4);
   }
-}
-
-// 2^x for x <= 0: 2^n by scalef, 2^f (|f| <= 1/2) by its degree-5 Taylor polynomial (relative
-// error below 3e-6: p is rounded to bf16 for P V, and the sums are fp32).
-static inline __m512 exp2_512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3333558e-3f);
-  for (float c : {9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f, 6.9314718e-1f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
 }
 
 // The lanes of keys k .. k + 15 among the first `seen` keys of a row (causal).
