@@ -34,30 +34,41 @@ def chain_hash(prev_hash: int | None, token_ids: Sequence[int]) -> int:
 
 
 class BlockAllocator:
-    """A fixed pool of KV blocks; free blocks kept in LRU order for prefix reuse."""
+    """A fixed pool of KV blocks; free blocks kept in LRU order for prefix reuse.
+
+    Blocks never used yet are not objects: `blocks` holds those handed out at least once
+    (ids 0 .. len - 1), and a block past them is made when it is first allocated. The order
+    is the same as a list of them all: never-used blocks first, by id, then the freed ones,
+    least recently freed first. (A simulated fleet holds millions of blocks: making them all
+    up front cost a 1,000-GPU simulation 10 s before its first step.)"""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._num_blocks = num_blocks
+        self.blocks: list[KVBlock] = []
+        self._free: OrderedDict[int, None] = OrderedDict()  # freed blocks, LRU first
         self._by_hash: dict[int, int] = {}
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return self._num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_blocks - len(self.blocks) + len(self._free)
 
     @property
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 
     def allocate(self) -> int:
+        if len(self.blocks) < self._num_blocks:  # a never-used block first
+            block_id = len(self.blocks)
+            self.blocks.append(KVBlock(block_id, ref_count=1))
+            return block_id
         if not self._free:
             raise NoFreeBlocksError("no free KV blocks")
         block_id, _ = self._free.popitem(last=False)
@@ -69,8 +80,8 @@ class BlockAllocator:
         return block_id
 
     def free(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        if block.ref_count <= 0:
+        block = self.blocks[block_id] if block_id < len(self.blocks) else None
+        if block is None or block.ref_count <= 0:
             raise RuntimeError(f"double free of KV block {block_id}")
         block.ref_count -= 1
         if block.ref_count == 0:
@@ -140,6 +151,18 @@ class KVCacheManager:
 
     def can_grow(self, table: BlockTable, num_tokens: int, reserve: int = 0) -> bool:
         return self.blocks_needed(table, num_tokens) + reserve <= self.allocator.num_free
+
+    def try_grow(self, table: BlockTable, num_tokens: int) -> bool:
+        """grow() where the blocks are free (True), else nothing (False): can_grow and grow
+        in one count, on the scheduler's path for every running sequence of every step."""
+        need = -(-num_tokens // self.block_size) - len(table.block_ids)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        for _ in range(need):
+            table.block_ids.append(self.allocator.allocate())
+        return True
 
     def grow(self, table: BlockTable, num_tokens: int) -> None:
         """Make room for `num_tokens` tokens in total."""

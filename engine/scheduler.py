@@ -241,14 +241,14 @@ class Scheduler:
                 kept.append(seq)
                 continue
             need = seq.num_computed_tokens + n
-            while not self.kv.can_grow(seq.blocks, need) and self.padding:
-                self.kv.release(self.padding.pop().blocks)  # pad lanes never starve live ones
-            while not self.kv.can_grow(seq.blocks, need) and queue:
-                self._preempt(queue.pop(), out)
-            if not self.kv.can_grow(seq.blocks, need):
-                self._preempt(seq, out)
-                continue
-            self.kv.grow(seq.blocks, need)
+            if not self.kv.try_grow(seq.blocks, need):  # (one count where it fits: most do)
+                while not self.kv.try_grow(seq.blocks, need) and self.padding:
+                    self.kv.release(self.padding.pop().blocks)  # pad lanes never starve live ones
+                while not self.kv.try_grow(seq.blocks, need) and queue:
+                    self._preempt(queue.pop(), out)
+                if not self.kv.try_grow(seq.blocks, need):
+                    self._preempt(seq, out)
+                    continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             kept.append(seq)
             budget -= n

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockAllocator, BlockTable, KVCacheManager
+from engine.block_manager import BlockAllocator, BlockTable, KVCacheManager, NoFreeBlocksError
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulingPolicy
 from engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -141,6 +142,24 @@ def test_prefix_cache_checks_tokens_on_hash_hit():
     alloc.publish(t.block_ids[0], prefix_hash=123, token_ids=[1, 2, 3, 4])
     assert alloc.lookup(123, [1, 2, 3, 5]) is None  # same key, other tokens: a miss
     assert alloc.lookup(123, [1, 2, 3, 4]) == t.block_ids[0]
+
+
+def test_allocator_hands_out_never_used_blocks_first_then_the_least_recently_freed():
+    # blocks are made as they are first handed out; the order is the one a full free list
+    # gives: never-used by id, then freed ones, oldest free first
+    alloc = BlockAllocator(4, 4)
+    assert (alloc.num_blocks, alloc.num_free) == (4, 4)
+    assert [alloc.allocate() for _ in range(3)] == [0, 1, 2]
+    alloc.free(1)
+    alloc.free(0)
+    assert alloc.num_free == 3
+    assert [alloc.allocate() for _ in range(3)] == [3, 1, 0]
+    assert alloc.num_free == 0
+    with pytest.raises(NoFreeBlocksError):
+        alloc.allocate()
+    fresh = BlockAllocator(4, 4)
+    with pytest.raises(RuntimeError, match="double free"):
+        fresh.free(2)  # never handed out
 
 
 def test_remote_kv_sequence_joins_batch_when_pages_land():
