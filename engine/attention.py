@@ -150,7 +150,7 @@ def paged_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
             meta.use_triton,
         )  # fmt: skip
-    for group in fresh_runs(_amx_fresh_prompts(q, k, v, out, meta.prefills, scale)):
+    for group in fresh_runs(_amx_prefills(q, k_cache, v_cache, out, meta.prefills, scale)):
         p = group[0]
         rows = slice(p.query_start, p.query_start + p.query_len * len(group))
         if len(group) > 1:  # same-length prompts, adjacent: one call for all of them
@@ -164,16 +164,15 @@ def paged_attention(
     return out
 
 
-def _amx_fresh_prompts(q, k, v, out, prefills: list[PrefillChunkMeta], scale: float):
-    """Where the AMX kernel applies (bf16 on CPU, engine.cpu_attention), every whole prompt
-    of the step (nothing cached before it), of any length, in one call into `out`; the chunks
-    left for the paths below."""
-    fresh = [p for p in prefills if p.context_len == p.query_len]
-    if not fresh or not prefill_kernel_applies(q, k):
+def _amx_prefills(q, k_cache, v_cache, out, prefills: list[PrefillChunkMeta], scale: float):
+    """Where the AMX kernel applies (bf16 on CPU, engine.cpu_attention), every prefill chunk
+    of the step in one call into `out`, its K and V read from the cache (written before
+    this); the chunks left for torch's paths below (none, or all)."""
+    if not prefills or not prefill_kernel_applies(q, k_cache):
         return prefills
-    starts, lens = [p.query_start for p in fresh], [p.query_len for p in fresh]
-    prefill_attention_cpu(q, k, v, out, starts, lens, scale)
-    return [p for p in prefills if p.context_len != p.query_len]
+    chunks = [(p.query_start, p.query_len, p.context_len, p.block_ids) for p in prefills]
+    prefill_attention_cpu(q, k_cache, v_cache, out, chunks, scale)
+    return []
 
 
 def fresh_runs(prefills: list[PrefillChunkMeta]) -> list[list[PrefillChunkMeta]]:

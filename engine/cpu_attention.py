@@ -1,5 +1,5 @@
 """CPU attention kernels: paged decode for float32 and bfloat16, reading K and V out of the
-pages, and AMX prefill of whole prompts.
+pages, and AMX prefill.
 
 The torch path (engine.attention.paged_decode_attention) gathers each sequence's pages into
 a contiguous copy and runs SDPA on it: K and V are read twice and written once per layer.
@@ -13,9 +13,9 @@ This kernel walks the block table and reads each K and V row once:
 It is C++ (csrc/paged_decode.cpp: AVX-512 for head dims 64 and 128, portable loops for the
 rest), built by engine.cpu_kernels; where it cannot be built the torch path is used.
 
-Prefill of whole prompts in bf16 on a CPU with AMX: `prefill_attention_cpu`
-(csrc/prefill_attention.cpp, flash attention on AMX tiles), every fresh prompt of a step in
-one call a layer; elsewhere torch's SDPA (engine.attention).
+Prefill in bf16 on a CPU with AMX: `prefill_attention_cpu` (csrc/prefill_attention.cpp,
+flash attention on AMX tiles over the paged cache), every chunk of a step (whole prompts and
+chunks after a cached prefix) in one call a layer; elsewhere torch's SDPA (engine.attention).
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ def paged_decode_attention_cpu(
         return kernel.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def prefill_kernel_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """bf16 on a CPU whose AMX this process may use, head dim 64 or 128, whole rows: what
-    csrc/prefill_attention.cpp handles (else torch's SDPA serves)."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16:
+def prefill_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """bf16 on a CPU whose AMX this process may use, head dim 64 or 128, whole rows, a
+    contiguous cache: what csrc/prefill_attention.cpp handles (else torch's SDPA serves)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
         return False
-    if q.shape[-1] not in (64, 128) or q.stride(-1) != 1 or k.stride(-1) != 1:
+    if q.shape[-1] not in (64, 128) or q.stride(-1) != 1 or not k_cache.is_contiguous():
         return False
     kernel = cpu_kernels.load()
     return kernel is not None and bool(kernel.amx_available())
@@ -70,22 +70,25 @@ def prefill_kernel_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def prefill_attention_cpu(
     q: torch.Tensor,  # [T, H, D] bf16 (a view of the fused projection is fine)
-    k: torch.Tensor,  # [T, KVH, D]
-    v: torch.Tensor,
-    out: torch.Tensor,  # [T, H, D]: the prompts' rows are written
-    starts: list[int],
-    lens: list[int],
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]: the chunks' K written already
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D]: the chunks' rows are written
+    chunks: list[tuple[int, int, int, torch.Tensor]],  # (first row, rows, context, block ids)
     scale: float,
 ) -> None:
-    """Causal self-attention of whole prompts (rows starts[i] .. starts[i] + lens[i] - 1 of
-    the step, nothing cached before them), of any lengths, in one call. Check
-    `prefill_kernel_applies` first. A layer of the default model (head dim 64, 2 threads),
-    torch's fused SDPA -> this kernel: 16 prompts of 128 tokens 1.25 -> 0.96 ms, 4 of 512
-    3.18 -> 1.82 ms, one of 2,048 8.11 -> 5.51 ms (its softmax, not the tiles, bounds it)."""
+    """Causal attention of prefill chunks in one call: a chunk's rows are the last positions
+    of its context (its cached tokens, then its own), read from the pages of its block table.
+    Check `prefill_kernel_applies` first. A layer of the default model (head dim 64, 2
+    threads), torch's fused SDPA -> this kernel: 16 prompts of 128 tokens 1.25 -> 0.96 ms, 4
+    of 512 3.18 -> 1.82 ms, one of 2,048 8.11 -> 5.51 ms (its softmax, not the tiles, bounds
+    it; `python -m bench.prefill_attention`)."""
     kernel = cpu_kernels.load()
     assert kernel is not None
+    starts, lens, ctx = ([c[i] for c in chunks] for i in range(3))
+    tables = [c[3].to(torch.int64).contiguous() for c in chunks]
+    args = (q, k_cache, v_cache, out, starts, lens, ctx, tables, scale)
     if not torch.autograd.profiler._is_profiler_enabled:
-        kernel.prefill_attention(q, k, v, out, starts, lens, scale)
+        kernel.prefill_attention(*args)
         return
     with torch.profiler.record_function("splitserve::prefill_attention_cpu"):
-        kernel.prefill_attention(q, k, v, out, starts, lens, scale)
+        kernel.prefill_attention(*args)

@@ -10,8 +10,10 @@ void rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
                    torch::Tensor v_cache, torch::Tensor slots, int64_t H, int64_t KVH);
 bool amx_available();
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
-void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                       std::vector<int64_t> starts, std::vector<int64_t> lens, double scale);
+void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor out, std::vector<int64_t> starts, std::vector<int64_t> lens,
+                       std::vector<int64_t> ctx, std::vector<torch::Tensor> tables,
+                       double scale);
 
 // Each kernel lets go of the GIL while it runs: a worker's asyncio and Ray threads (token
 // delivery, KV transfer) keep going during a step's attention, as they do during torch's ops.
@@ -25,6 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "the CPU has AMX and the OS lets this process use it");
   m.def("amx_linear", &amx_linear, release(), "x @ weight.T, weight packed in AMX tiles (amx_linear.cpp)");
   m.def("prefill_attention", &prefill_attention, release(),
-        "causal attention of whole prompts into out's rows, bf16 on AMX (prefill_attention.cpp)");
+        "causal attention of prefill chunks over the paged cache into out's rows, bf16 on AMX (prefill_attention.cpp)");
   m.def("silu_and_mul", &silu_and_mul, release(), "silu(gate) * up of x = [T, 2I] (elementwise.cpp)");
 }

@@ -1,21 +1,23 @@
-// Causal self-attention of whole prompts (nothing cached before them) on AMX tiles, bf16
-// (engine/cpu_attention.py calls it for a prefill step's fresh prompts, of any lengths, in
-// one call a layer).
+// Causal attention of a prefill step's chunks on AMX tiles, bf16 (engine/cpu_attention.py calls
+// it for every chunk of a step, whole prompts and chunks after a cached prefix alike, of any
+// lengths, in one call a layer). The chunks' K and V are read from the paged cache, where
+// the layer has just written them.
 //
 // torch's fused CPU kernel runs this at 0.2-0.5 TFLOP/s here (16 prompts of 128 tokens to one
 // of 2,048, head dim 64). This one is flash attention on AMX:
 //
-//   1. each (prompt, KV head)'s K and V, packed once into AMX B tiles (VNNI pairs): K as
-//      16 keys x 32 dims, V as 32 keys x 16 dims, zero past the prompt's end;
-//   2. each (prompt, query head, block of 32 query rows), on the thread with the least work
+//   1. each (chunk, KV head)'s context (cached tokens and its own), packed once from the
+//      pages into AMX B tiles (VNNI pairs): K as 16 keys x 32 dims, V as 32 keys x 16 dims,
+//      zero past the context's end;
+//   2. each (chunk, query head, block of 32 query rows), on the thread with the least work
 //      so far (a block's cost is the number of key blocks it reads, causal):
-//        for each block of 32 keys up to the diagonal:
-//          S = Q K^T          4 accumulator tiles (2 row tiles x 2 key tiles), fp32
-//          online softmax     scale, causal mask on the diagonal block, running max and sum
+//        for each block of up to 128 keys up to the block's last position:
+//          S = Q K^T          4 accumulator tiles a 32 keys (2 row tiles x 2 key tiles), fp32
+//          online softmax     scale, causal mask, running max and sum (base 2)
 //          O = O a + P V      P rounded to bf16 (as torch's kernel rounds it), fp32 O
 //        out = O / sum, rounded once to bf16.
-// Scores, softmax and sums are fp32; q, k, v and out are bf16 rows of any row stride
-// (q, k, v are views into the fused qkv projection).
+// Scores, softmax and sums are fp32; q and out are bf16 rows of any row stride (q is a view
+// into the fused qkv projection).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -52,10 +54,19 @@ struct Rows {  // a [T, heads, D] bf16 tensor's data: row stride in elements, he
   int64_t stride;
 };
 
+// One KV head's rows of one chunk's context in the paged cache [blocks, BS, KVH, D]: key t
+// sits in block table[t / BS] at slot t % BS.
+struct Pages {
+  const bf16* cache;
+  const int64_t* table;
+  int64_t BS, KVH, h, D;
+  const bf16* row(int64_t t) const { return cache + ((table[t / BS] * BS + t % BS) * KVH + h) * D; }
+};
+
 // K of one (prompt, KV head): tile (16-key block, 32-dim chunk c) row r holds dims 2r, 2r+1 of
 // its 16 keys (as uint32 pairs: a 16 x 16 transpose).
 template <int D>
-void pack_k(const bf16* k, int64_t stride, int64_t len, int64_t blocks, bf16* dst) {
+void pack_k(const Pages& k, int64_t len, int64_t blocks, bf16* dst) {
   constexpr int DCH = D / 32;
   for (int64_t kb = 0; kb < 2 * blocks; ++kb)
     for (int c = 0; c < DCH; ++c) {
@@ -66,7 +77,7 @@ void pack_k(const bf16* k, int64_t stride, int64_t len, int64_t blocks, bf16* ds
           for (int r = 0; r < 16; ++r) tile[r * 16 + n] = 0u;
           continue;
         }
-        const auto* src = reinterpret_cast<const uint32_t*>(k + key * stride + c * 32);
+        const auto* src = reinterpret_cast<const uint32_t*>(k.row(key) + c * 32);
         for (int r = 0; r < 16; ++r) tile[r * 16 + n] = src[r];
       }
     }
@@ -75,7 +86,7 @@ void pack_k(const bf16* k, int64_t stride, int64_t len, int64_t blocks, bf16* ds
 // V of one (prompt, KV head): tile (32-key block, 16-dim column ct) row r holds keys 2r, 2r+1
 // of its 16 dims, interleaved.
 template <int D>
-void pack_v(const bf16* v, int64_t stride, int64_t len, int64_t blocks, bf16* dst) {
+void pack_v(const Pages& v, int64_t len, int64_t blocks, bf16* dst) {
   constexpr int NC = D / 16;
   const bf16 zero(0.f);
   for (int64_t kb = 0; kb < blocks; ++kb)
@@ -88,7 +99,7 @@ void pack_v(const bf16* v, int64_t stride, int64_t len, int64_t blocks, bf16* ds
             for (int n = 0; n < 16; ++n) tile[r * 32 + n * 2 + e] = zero;
             continue;
           }
-          const bf16* src = v + key * stride + ct * 16;
+          const bf16* src = v.row(key) + ct * 16;
           for (int n = 0; n < 16; ++n) tile[r * 32 + n * 2 + e] = src[n];
         }
     }
@@ -213,22 +224,28 @@ struct Item {
 };
 
 struct Job {
-  Rows q, k, v, out;
-  const int64_t *starts, *lens, *packed_at;  // packed_at: a prompt's offset in kp / vp
-  const bf16 *kp, *vp;
-  int64_t H, KVH;
+  Rows q, out;
+  const bf16 *kc, *vc;  // the paged caches, [blocks, BS, KVH, D]
+  const int64_t *starts, *lens, *ctx;  // a chunk's rows, and its context (cached + own)
+  std::vector<const int64_t*> tables;  // a chunk's block table
+  int64_t BS, H, KVH;
   float scale;
+  const int64_t* packed_at = nullptr;  // a chunk's offset in kp / vp
+  const bf16 *kp = nullptr, *vp = nullptr;
 };
 
 int64_t blocks_of(int64_t len) { return (len + kBlock - 1) / kBlock; }
 
-// One block of 32 query rows of one head of one prompt, written to out.
+// One block of 32 query rows of one head of one chunk, written to out. Row i is at position
+// pos0 + i of its sequence and sees keys 0 .. pos0 + i.
 template <int D>
 void query_block(const Job& job, const Item& it, Scratch<D>& w) {
   const int64_t start = job.starts[it.prompt], len = job.lens[it.prompt];
   const int64_t kvh = it.head / (job.H / job.KVH), q0 = it.block * kBlock;
-  const int64_t rows = std::min<int64_t>(kBlock, len - q0);
-  const int64_t per_head = blocks_of(len) * kBlock * D;
+  const int64_t rows = std::min<int64_t>(kBlock, len - q0), ctx = job.ctx[it.prompt];
+  const int64_t pos0 = ctx - len + q0, per_head = blocks_of(ctx) * kBlock * D;
+  // keys up to the block's last row, in whole 32-key blocks (past ctx: zeros, masked)
+  const int64_t kend = std::min(blocks_of(pos0 + kBlock), blocks_of(ctx)) * kBlock;
   const bf16* kp = job.kp + job.packed_at[it.prompt] + kvh * per_head;
   const bf16* vp = job.vp + job.packed_at[it.prompt] + kvh * per_head;
   for (int64_t i = 0; i < kBlock; ++i) {
@@ -241,10 +258,10 @@ void query_block(const Job& job, const Item& it, Scratch<D>& w) {
   std::fill(w.m, w.m + kBlock, -INFINITY);
   std::fill(w.l, w.l + kBlock, 0.f);
   std::fill(w.o, w.o + kBlock * D, 0.f);
-  for (int64_t k0 = 0; k0 < q0 + kBlock; k0 += kKeys) {  // keys up to the block's diagonal
-    const int width = static_cast<int>(std::min<int64_t>(kKeys, q0 + kBlock - k0));
+  for (int64_t k0 = 0; k0 < kend; k0 += kKeys) {
+    const int width = static_cast<int>(std::min<int64_t>(kKeys, kend - k0));
     block_scores<D>(w.q, kp, k0, width, w.s);
-    softmax_rows<D>(w, job.scale, q0, k0, width);
+    softmax_rows<D>(w, job.scale, pos0, k0, width);
     block_values<D>(w, vp, k0, width);
   }
   for (int64_t i = 0; i < rows; ++i) {
@@ -260,7 +277,8 @@ std::vector<std::vector<Item>> deal(const Job& job, int64_t prompts, int threads
   std::vector<Item> items;
   for (int64_t p = 0; p < prompts; ++p)
     for (int64_t h = 0; h < job.H; ++h)
-      for (int64_t b = 0; b < blocks_of(job.lens[p]); ++b) items.push_back({p, h, b, b + 1});
+      for (int64_t b = 0; b < blocks_of(job.lens[p]); ++b)  // cost: the key blocks it reads
+        items.push_back({p, h, b, (job.ctx[p] - job.lens[p]) / kBlock + b + 1});
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
   std::vector<std::vector<Item>> lists(threads);
@@ -277,16 +295,16 @@ template <int D>
 void run(Job job, int64_t prompts) {
   std::vector<int64_t> packed_at(prompts + 1, 0);
   for (int64_t p = 0; p < prompts; ++p)
-    packed_at[p + 1] = packed_at[p] + job.KVH * blocks_of(job.lens[p]) * kBlock * D;
+    packed_at[p + 1] = packed_at[p] + job.KVH * blocks_of(job.ctx[p]) * kBlock * D;
   auto kbuf = torch::empty({2 * packed_at[prompts]}, torch::kBFloat16);
   bf16* kp = kbuf.data_ptr<bf16>();
   bf16* vp = kp + packed_at[prompts];
   at::parallel_for(0, prompts * job.KVH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = i / job.KVH, h = i % job.KVH, blocks = blocks_of(job.lens[p]);
-      const int64_t at = packed_at[p] + h * blocks * kBlock * D, row = job.starts[p];
-      pack_k<D>(job.k.data + row * job.k.stride + h * D, job.k.stride, job.lens[p], blocks, kp + at);
-      pack_v<D>(job.v.data + row * job.v.stride + h * D, job.v.stride, job.lens[p], blocks, vp + at);
+      const int64_t p = i / job.KVH, h = i % job.KVH, blocks = blocks_of(job.ctx[p]);
+      const int64_t at = packed_at[p] + h * blocks * kBlock * D;
+      pack_k<D>({job.kc, job.tables[p], job.BS, job.KVH, h, D}, job.ctx[p], blocks, kp + at);
+      pack_v<D>({job.vc, job.tables[p], job.BS, job.KVH, h, D}, job.ctx[p], blocks, vp + at);
     }
   });
   job.kp = kp;
@@ -311,32 +329,50 @@ Rows rows_of(const torch::Tensor& t, int64_t heads, int64_t D, const char* name)
 }
 }  // namespace
 
-void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                       std::vector<int64_t> starts, std::vector<int64_t> lens, double scale) {
+void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor out, std::vector<int64_t> starts, std::vector<int64_t> lens,
+                       std::vector<int64_t> ctx, std::vector<torch::Tensor> tables,
+                       double scale) {
   TORCH_CHECK(amx_available(), "prefill_attention: the kernel did not get AMX from the OS");
-  TORCH_CHECK(starts.size() == lens.size(), "prefill_attention: one start per length");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1);
+  const size_t n = lens.size();
+  TORCH_CHECK(starts.size() == n && ctx.size() == n && tables.size() == n,
+              "prefill_attention: a start, a length, a context and a block table per chunk");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   TORCH_CHECK(D == 64 || D == 128, "prefill_attention: head dim 64 or 128");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(3) == D,
+              "prefill_attention: caches are contiguous [blocks, block_size, KVH, D] bf16");
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), NB = k_cache.size(0);
   TORCH_CHECK(KVH > 0 && H % KVH == 0, "prefill_attention: query heads a multiple of KV heads");
-  TORCH_CHECK(k.size(0) == T && v.size(0) == T && out.size(0) == T,
-              "prefill_attention: q, k, v and out have the same rows");
-  for (size_t i = 0; i < lens.size(); ++i)
-    TORCH_CHECK(lens[i] > 0 && starts[i] >= 0 && starts[i] + lens[i] <= T,
-                "prefill_attention: prompt ", i, " lies outside the rows");
-  Job job{rows_of(q, H, D, "q"), rows_of(k, KVH, D, "k"), rows_of(v, KVH, D, "v"),
-          rows_of(out, H, D, "out"), starts.data(), lens.data(), nullptr, nullptr, nullptr,
-          H, KVH, static_cast<float>(scale)};
-  const auto prompts = static_cast<int64_t>(lens.size());
+  TORCH_CHECK(out.size(0) == T, "prefill_attention: q and out have the same rows");
+  std::vector<const int64_t*> table_ptrs(n);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lens[i] > 0 && starts[i] >= 0 && starts[i] + lens[i] <= T && ctx[i] >= lens[i],
+                "prefill_attention: chunk ", i, " lies outside the rows or its context");
+    TORCH_CHECK(tables[i].scalar_type() == torch::kLong && tables[i].is_contiguous() &&
+                    tables[i].numel() * BS >= ctx[i],
+                "prefill_attention: chunk ", i, "'s block table is int64 and covers its context");
+    table_ptrs[i] = tables[i].data_ptr<int64_t>();
+    for (int64_t b = 0; b < (ctx[i] + BS - 1) / BS; ++b)
+      TORCH_CHECK(table_ptrs[i][b] >= 0 && table_ptrs[i][b] < NB,
+                  "prefill_attention: chunk ", i, " names a block outside the cache");
+  }
+  Job job{rows_of(q, H, D, "q"), rows_of(out, H, D, "out"), k_cache.data_ptr<bf16>(),
+          v_cache.data_ptr<bf16>(), starts.data(), lens.data(), ctx.data(), table_ptrs,
+          BS, H, KVH, static_cast<float>(scale)};
+  const auto chunks = static_cast<int64_t>(n);
   if (D == 64)
-    run<64>(job, prompts);
+    run<64>(job, chunks);
   else
-    run<128>(job, prompts);
+    run<128>(job, chunks);
 }
 
 #else  // no AMX on the CPU this was built for: engine/cpu_attention.py keeps torch's SDPA
 
 void prefill_attention(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                       std::vector<int64_t>, std::vector<int64_t>, double) {
+                       std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                       std::vector<torch::Tensor>, double) {
   TORCH_CHECK(false, "prefill_attention: built for a CPU without AMX");
 }
 
