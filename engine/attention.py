@@ -1,4 +1,9 @@
-"""Attention over the paged KV cache: the torch reference used on CPU.
+"""Attention over the paged KV cache: the torch reference, and the choice of kernel.
+
+Decode: Triton on CUDA, else the C++ page-walking kernel (engine.cpu_attention), else torch.
+Prefill: on a CPU with AMX, bf16, every chunk of the step in one AMX kernel call
+(engine.cpu_attention.prefill_attention_cpu); else torch's SDPA, equal-length whole prompts
+batched into one call.
 
 Per layer the cache is `k_cache, v_cache: [num_blocks, block_size, KVH, D]`
 (slices of the engine's `[layers, 2, blocks, block_size, KVH, D]` tensor).
