@@ -155,8 +155,8 @@ class KVCacheManager:
     def try_grow(self, table: BlockTable, num_tokens: int) -> bool:
         """grow() where the blocks are free (True), else nothing (False): can_grow and grow
         in one count, on the scheduler's path for every running sequence of every step."""
-        need = -(-num_tokens // self.block_size) - len(table.block_ids)
-        if need <= 0:
+        need = self.blocks_needed(table, num_tokens)
+        if need == 0:
             return True
         if need > self.allocator.num_free:
             return False
