@@ -155,7 +155,11 @@ def paged_attention(
             q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
             meta.use_triton,
         )  # fmt: skip
-    for group in fresh_runs(_amx_prefills(q, k_cache, v_cache, out, meta.prefills, scale)):
+    if meta.prefills and prefill_kernel_applies(q, k_cache):  # every chunk in one AMX call,
+        chunks = [(p.query_start, p.query_len, p.context_len, p.block_ids) for p in meta.prefills]
+        prefill_attention_cpu(q, k_cache, v_cache, out, chunks, scale)  # K, V read from pages
+        return out
+    for group in fresh_runs(meta.prefills):
         p = group[0]
         rows = slice(p.query_start, p.query_start + p.query_len * len(group))
         if len(group) > 1:  # same-length prompts, adjacent: one call for all of them
@@ -167,17 +171,6 @@ def paged_attention(
                 q[rows], k_cache, v_cache, p.block_ids, p.context_len, scale
             )
     return out
-
-
-def _amx_prefills(q, k_cache, v_cache, out, prefills: list[PrefillChunkMeta], scale: float):
-    """Where the AMX kernel applies (bf16 on CPU, engine.cpu_attention), every prefill chunk
-    of the step in one call into `out`, its K and V read from the cache (written before
-    this); the chunks left for torch's paths below (none, or all)."""
-    if not prefills or not prefill_kernel_applies(q, k_cache):
-        return prefills
-    chunks = [(p.query_start, p.query_len, p.context_len, p.block_ids) for p in prefills]
-    prefill_attention_cpu(q, k_cache, v_cache, out, chunks, scale)
-    return []
 
 
 def fresh_runs(prefills: list[PrefillChunkMeta]) -> list[list[PrefillChunkMeta]]:

@@ -165,9 +165,9 @@ class KVCacheManager:
         return True
 
     def grow(self, table: BlockTable, num_tokens: int) -> None:
-        """Make room for `num_tokens` tokens in total."""
-        for _ in range(self.blocks_needed(table, num_tokens)):
-            table.block_ids.append(self.allocator.allocate())
+        """Make room for `num_tokens` tokens in total (the caller saw that they fit)."""
+        if not self.try_grow(table, num_tokens):
+            raise NoFreeBlocksError("no free KV blocks")
 
     def publish_full_blocks(self, table: BlockTable, token_ids: Sequence[int], num_computed: int):
         """Publish every block whose slots are all computed, for later prefix hits."""

@@ -63,7 +63,7 @@ struct Pages {
   const bf16* row(int64_t t) const { return cache + ((table[t / BS] * BS + t % BS) * KVH + h) * D; }
 };
 
-// K of one (prompt, KV head): tile (16-key block, 32-dim chunk c) row r holds dims 2r, 2r+1 of
+// K of one (chunk, KV head): tile (16-key block, 32-dim chunk c) row r holds dims 2r, 2r+1 of
 // its 16 keys (as uint32 pairs: a 16 x 16 transpose).
 template <int D>
 void pack_k(const Pages& k, int64_t len, int64_t blocks, bf16* dst) {
@@ -83,7 +83,7 @@ void pack_k(const Pages& k, int64_t len, int64_t blocks, bf16* dst) {
     }
 }
 
-// V of one (prompt, KV head): tile (32-key block, 16-dim column ct) row r holds keys 2r, 2r+1
+// V of one (chunk, KV head): tile (32-key block, 16-dim column ct) row r holds keys 2r, 2r+1
 // of its 16 dims, interleaved.
 template <int D>
 void pack_v(const Pages& v, int64_t len, int64_t blocks, bf16* dst) {
@@ -220,7 +220,7 @@ void block_values(Scratch<D>& w, const bf16* vp, int64_t k0, int width) {
 }
 
 struct Item {
-  int64_t prompt, head, block, cost;
+  int64_t chunk, head, block, cost;
 };
 
 struct Job {
@@ -230,24 +230,41 @@ struct Job {
   std::vector<const int64_t*> tables;  // a chunk's block table
   int64_t BS, H, KVH;
   float scale;
-  const int64_t* packed_at = nullptr;  // a chunk's offset in kp / vp
-  const bf16 *kp = nullptr, *vp = nullptr;
 };
 
 int64_t blocks_of(int64_t len) { return (len + kBlock - 1) / kBlock; }
 
+// Every (chunk, KV head)'s packed K and V, one after another in one buffer each.
+template <int D>
+struct Packed {
+  torch::Tensor buffer;  // K then V
+  std::vector<int64_t> chunk_at;  // where a chunk's KV heads start
+  const Job& job;
+
+  Packed(const Job& j, int64_t chunks) : chunk_at(chunks + 1, 0), job(j) {
+    for (int64_t c = 0; c < chunks; ++c)
+      chunk_at[c + 1] = chunk_at[c] + job.KVH * blocks_of(job.ctx[c]) * kBlock * D;
+    buffer = torch::empty({2 * chunk_at[chunks]}, torch::kBFloat16);
+  }
+  int64_t at(int64_t c, int64_t h) const {
+    return chunk_at[c] + h * blocks_of(job.ctx[c]) * kBlock * D;
+  }
+  bf16* k(int64_t c, int64_t h) { return buffer.data_ptr<bf16>() + at(c, h); }
+  bf16* v(int64_t c, int64_t h) { return buffer.data_ptr<bf16>() + chunk_at.back() + at(c, h); }
+};
+
 // One block of 32 query rows of one head of one chunk, written to out. Row i is at position
 // pos0 + i of its sequence and sees keys 0 .. pos0 + i.
 template <int D>
-void query_block(const Job& job, const Item& it, Scratch<D>& w) {
-  const int64_t start = job.starts[it.prompt], len = job.lens[it.prompt];
+void query_block(const Job& job, Packed<D>& packed, const Item& it, Scratch<D>& w) {
+  const int64_t start = job.starts[it.chunk], len = job.lens[it.chunk];
   const int64_t kvh = it.head / (job.H / job.KVH), q0 = it.block * kBlock;
-  const int64_t rows = std::min<int64_t>(kBlock, len - q0), ctx = job.ctx[it.prompt];
-  const int64_t pos0 = ctx - len + q0, per_head = blocks_of(ctx) * kBlock * D;
+  const int64_t rows = std::min<int64_t>(kBlock, len - q0), ctx = job.ctx[it.chunk];
+  const int64_t pos0 = ctx - len + q0;
   // keys up to the block's last row, in whole 32-key blocks (past ctx: zeros, masked)
   const int64_t kend = std::min(blocks_of(pos0 + kBlock), blocks_of(ctx)) * kBlock;
-  const bf16* kp = job.kp + job.packed_at[it.prompt] + kvh * per_head;
-  const bf16* vp = job.vp + job.packed_at[it.prompt] + kvh * per_head;
+  const bf16* kp = packed.k(it.chunk, kvh);
+  const bf16* vp = packed.v(it.chunk, kvh);
   for (int64_t i = 0; i < kBlock; ++i) {
     bf16* dst = w.q + i * D;
     if (i < rows)
@@ -271,11 +288,11 @@ void query_block(const Job& job, const Item& it, Scratch<D>& w) {
   }
 }
 
-// The blocks of every prompt and head, dealt to `threads` lists, longest first, each to the
+// The blocks of every chunk and head, dealt to `threads` lists, longest first, each to the
 // list with the least work so far.
-std::vector<std::vector<Item>> deal(const Job& job, int64_t prompts, int threads) {
+std::vector<std::vector<Item>> deal(const Job& job, int64_t chunks, int threads) {
   std::vector<Item> items;
-  for (int64_t p = 0; p < prompts; ++p)
+  for (int64_t p = 0; p < chunks; ++p)
     for (int64_t h = 0; h < job.H; ++h)
       for (int64_t b = 0; b < blocks_of(job.lens[p]); ++b)  // cost: the key blocks it reads
         items.push_back({p, h, b, (job.ctx[p] - job.lens[p]) / kBlock + b + 1});
@@ -292,31 +309,22 @@ std::vector<std::vector<Item>> deal(const Job& job, int64_t prompts, int threads
 }
 
 template <int D>
-void run(Job job, int64_t prompts) {
-  std::vector<int64_t> packed_at(prompts + 1, 0);
-  for (int64_t p = 0; p < prompts; ++p)
-    packed_at[p + 1] = packed_at[p] + job.KVH * blocks_of(job.ctx[p]) * kBlock * D;
-  auto kbuf = torch::empty({2 * packed_at[prompts]}, torch::kBFloat16);
-  bf16* kp = kbuf.data_ptr<bf16>();
-  bf16* vp = kp + packed_at[prompts];
-  at::parallel_for(0, prompts * job.KVH, 1, [&](int64_t begin, int64_t end) {
+void run(const Job& job, int64_t chunks) {
+  Packed<D> packed(job, chunks);
+  at::parallel_for(0, chunks * job.KVH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i / job.KVH, h = i % job.KVH, blocks = blocks_of(job.ctx[p]);
-      const int64_t at = packed_at[p] + h * blocks * kBlock * D;
-      pack_k<D>({job.kc, job.tables[p], job.BS, job.KVH, h, D}, job.ctx[p], blocks, kp + at);
-      pack_v<D>({job.vc, job.tables[p], job.BS, job.KVH, h, D}, job.ctx[p], blocks, vp + at);
+      pack_k<D>({job.kc, job.tables[p], job.BS, job.KVH, h, D}, job.ctx[p], blocks, packed.k(p, h));
+      pack_v<D>({job.vc, job.tables[p], job.BS, job.KVH, h, D}, job.ctx[p], blocks, packed.v(p, h));
     }
   });
-  job.kp = kp;
-  job.vp = vp;
-  job.packed_at = packed_at.data();
   const int threads = std::max(1, at::get_num_threads());
-  const auto lists = deal(job, prompts, threads);
+  const auto lists = deal(job, chunks, threads);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     auto w = std::make_unique<Scratch<D>>();
     configure();
     for (int64_t t = begin; t < end; ++t)
-      for (const Item& it : lists[t]) query_block<D>(job, it, *w);
+      for (const Item& it : lists[t]) query_block<D>(job, packed, it, *w);
     _tile_release();
   });
 }
