@@ -34,6 +34,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--no-packed-gemm", action="store_true", help="F.linear, for an A/B")
+    p.add_argument(
+        "--no-fused-decode", action="store_true", help="decode layer by layer, for an A/B"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=max(args.batch_sizes),
         packed_gemm=not args.no_packed_gemm,
     )
+    if args.no_fused_decode:
+        llm.engine.runner.fused = None
     result = {
         "machine": machine_info(llm.engine.config.dtype, torch.get_num_threads()),
         "config": {k: str(v) for k, v in vars(args).items() if k != "func"},

@@ -6,8 +6,10 @@
     csrc/amx_linear.cpp     bf16 linear layers on AMX tiles, for decode's row counts (engine.linear)
     csrc/prefill_attention.cpp  causal attention of whole prompts on AMX tiles, bf16
                             (engine.cpu_attention)
+    csrc/decode_layers.cpp  a decode step's decoder layers in one call, bf16 on AMX
+                            (engine.fused_decode)
     csrc/vec512.h           the AVX-512 helpers they share; csrc/amx_tiles.h the AMX tile config
-    csrc/bindings.cpp       the Python module
+    csrc/kernels.h          the kernels' entry points; csrc/bindings.cpp the Python module
 
 torch's cpp_extension builds them once (gcc, -O3 -march=native, OpenMP), cached under
 TORCH_EXTENSIONS_DIR by a name that carries a hash of this CPU's model and flags (a build
@@ -36,9 +38,10 @@ _SOURCES = (
     "amx_linear.cpp",
     "rope_kv.cpp",
     "prefill_attention.cpp",
+    "decode_layers.cpp",
     "bindings.cpp",
 )
-_HEADERS = ("vec512.h", "amx_tiles.h")
+_HEADERS = ("vec512.h", "amx_tiles.h", "kernels.h")
 
 
 def _cpu_tag() -> str:

@@ -11,6 +11,7 @@ from engine.attention import AttentionMetadata, PrefillChunkMeta
 from engine.config import ModelConfig
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import InvalidRequestError
+from engine.fused_decode import FusedDecode
 from engine.linear import pack_linears
 from engine.model import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -69,6 +70,8 @@ class ModelRunner:
         if mode != "off":
             capture = mode == "capture"
             self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture)
+        # bf16 on a CPU with AMX: a decode step's layers in one C++ call (engine.fused_decode)
+        self.fused = FusedDecode.build(self.model, self.kv_cache)
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)  # decodes first, stable
@@ -117,6 +120,9 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is not None and layer_hook is None and graphs.applies(batch.meta, rows):
             return graphs.run(batch.input_ids, batch.positions, batch.meta)
+        fused = self.fused
+        if fused is not None and layer_hook is None and fused.applies(batch.meta, rows):
+            return fused.run(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
         return self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta, layer_hook)
 
     @torch.inference_mode()

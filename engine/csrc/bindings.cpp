@@ -1,19 +1,5 @@
 // The Python module of splitserve's CPU kernels (engine/cpu_kernels.py builds it).
-#include <torch/extension.h>
-
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale);
-torch::Tensor silu_and_mul(torch::Tensor x);
-torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
-                           double eps);
-void rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                   torch::Tensor v_cache, torch::Tensor slots, int64_t H, int64_t KVH);
-bool amx_available();
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
-void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                       torch::Tensor out, std::vector<int64_t> starts, std::vector<int64_t> lens,
-                       std::vector<int64_t> ctx, std::vector<torch::Tensor> tables,
-                       double scale);
+#include "kernels.h"
 
 // Each kernel lets go of the GIL while it runs: a worker's asyncio and Ray threads (token
 // delivery, KV transfer) keep going during a step's attention, as they do during torch's ops.
@@ -28,5 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &amx_linear, release(), "x @ weight.T, weight packed in AMX tiles (amx_linear.cpp)");
   m.def("prefill_attention", &prefill_attention, release(),
         "causal attention of prefill chunks over the paged cache into out's rows, bf16 on AMX (prefill_attention.cpp)");
+  m.def("decode_layers", &decode_layers, release(),
+        "a decode step's decoder layers in one call, bf16 on AMX (decode_layers.cpp)");
   m.def("silu_and_mul", &silu_and_mul, release(), "silu(gate) * up of x = [T, 2I] (elementwise.cpp)");
 }

@@ -1,0 +1,25 @@
+// The kernels' entry points: the Python module binds them (bindings.cpp), and the fused decode
+// forward (decode_layers.cpp) calls them directly, with no Python between them.
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+                           double eps);
+void rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                   torch::Tensor v_cache, torch::Tensor slots, int64_t H, int64_t KVH);
+bool amx_available();
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
+void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor out, std::vector<int64_t> starts, std::vector<int64_t> lens,
+                       std::vector<int64_t> ctx, std::vector<torch::Tensor> tables,
+                       double scale);
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor kv_cache, torch::Tensor slots,
+                            torch::Tensor block_tables, torch::Tensor context_lens,
+                            std::vector<torch::Tensor> weights, int64_t H, int64_t KVH,
+                            double eps, double scale);

@@ -1,0 +1,95 @@
+"""engine.fused_decode: a decode step's layers in one C++ call (bf16, AMX) give the hidden
+states of the layers run one Python call at a time, bit for bit, and only decode steps take it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import make_tiny_checkpoint
+
+from engine import LLM, SamplingParams
+from engine.linear import amx_usable
+
+needs_amx = pytest.mark.skipif(
+    not amx_usable(torch.empty(32, 32, dtype=torch.bfloat16)), reason="no AMX on this CPU"
+)
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    # head dim 64 (the AVX-512 attention path), GQA 2:1, every side a multiple of 32 (AMX)
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-fused"), seed=11, num_layers=3, hidden_size=128,
+        num_heads=2, num_kv_heads=1, intermediate_size=256,
+    )  # fmt: skip
+
+
+def _llm(path, dtype: str = "bfloat16") -> LLM:
+    return LLM(
+        model=str(path), dtype=dtype, num_kv_blocks=128, block_size=4, max_num_seqs=8,
+        num_threads=2,
+    )  # fmt: skip
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 399, (3 + 4 * i,), generator=g).tolist() for i in range(n)]
+
+
+@needs_amx
+def test_fused_step_equals_the_layers_one_call_at_a_time(tiny_dir):
+    llm = _llm(tiny_dir)
+    runner = llm.engine.runner
+    fused = runner.fused
+    assert fused is not None
+    real_run, batches = fused.run, []
+
+    def checked_run(ids, pos, kv_cache, meta):
+        out = real_run(ids, pos, kv_cache, meta)
+        # the layers rewrite the same K/V into the same slots: the cache is unchanged by it
+        ref = runner.model(ids, pos, kv_cache, meta)
+        assert torch.equal(out, ref), (out - ref).abs().max()
+        batches.append(ids.shape[0])
+        return out
+
+    fused.run = checked_run
+    prompts = _prompts(5)
+    outs = llm.generate(prompts, GREEDY)
+    assert max(batches) == 5 and len(batches) >= GREEDY.max_tokens - 1
+    assert all(len(o.token_ids) == GREEDY.max_tokens for o in outs)
+
+
+@needs_amx
+def test_fused_decode_gives_the_same_tokens_batched_and_alone(tiny_dir):
+    prompts = _prompts(6)
+    fused_llm = _llm(tiny_dir)
+    batched = [o.token_ids for o in fused_llm.generate(prompts, GREEDY)]
+    alone = [fused_llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    plain_llm = _llm(tiny_dir)
+    plain_llm.engine.runner.fused = None
+    assert batched == [o.token_ids for o in plain_llm.generate(prompts, GREEDY)]
+    assert alone == batched  # a fused batch leaves nothing behind in a later request's KV
+
+
+@needs_amx
+def test_prefill_and_mixed_steps_keep_the_layer_path(tiny_dir):
+    llm = _llm(tiny_dir)
+    fused = llm.engine.runner.fused
+    assert fused is not None
+    rows: list[int] = []  # prefill chunks in each step that took the fused path
+    real_run = fused.run
+
+    def counted_run(ids, pos, kv_cache, meta):
+        rows.append(len(meta.prefills))
+        return real_run(ids, pos, kv_cache, meta)
+
+    fused.run = counted_run
+    llm.generate(_prompts(1), SamplingParams(max_tokens=1, temperature=0.0))
+    assert rows == []  # one prefill step, no decode: the fused path never ran
+    llm.generate(_prompts(2), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert rows and set(rows) == {0}
+
+
+def test_fused_decode_is_off_in_float32(tiny_dir):
+    assert _llm(tiny_dir, dtype="float32").engine.runner.fused is None
