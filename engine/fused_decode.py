@@ -2,9 +2,12 @@
 
 The layers of engine.model run ~10 Python calls each (norms, the four AMX linears, rope and
 the KV write, attention, SwiGLU): over 30 layers ~300 calls, whose Python and dispatch cost
-~4 ms a step whatever the batch size. On a CPU with AMX, in bf16, a step of decodes only
-runs the same kernels in the same order from one call instead, with the GIL let go for the
-whole step: the same hidden states bit for bit (tested against the layers one call at a time).
+~6 ms a step whatever the batch size. On a CPU with AMX, in bf16, a step of decodes only
+runs the same kernel bodies in the same order from one call instead, with the GIL let go for
+the whole step: the same hidden states bit for bit (tested against the layers one call at a
+time). Its threads (csrc/team.h) claim an op's items one at a time and take over the items
+of a thread the OS has preempted, where OpenMP's barriers would wait for it: on a serving
+host, where the router, the clients and Ray share the cores, that is what a step loses most.
 
     ModelRunner.forward ─ decode-only step, bf16, AMX ─> FusedDecode.run ─> decode_layers
                         └ else ───────────────────────> LlamaForCausalLM.forward (layer by layer)
@@ -49,8 +52,11 @@ class FusedDecode:
     @classmethod
     def build(cls, model: LlamaForCausalLM, kv_cache: torch.Tensor) -> FusedDecode | None:
         """The fused path for `model`, or None where it does not apply: not bf16 on CPU, a
-        linear not packed in AMX tiles, a bias, the kernels not built."""
+        head dim other than 64 or 128, a linear not packed in AMX tiles, a bias, the kernels
+        not built."""
         if kv_cache.dtype != torch.bfloat16 or kv_cache.device.type != "cpu":
+            return None
+        if model.config.head_dim not in (64, 128):
             return None
         kernels = cpu_kernels.load()
         if kernels is None or not kv_cache.is_contiguous():

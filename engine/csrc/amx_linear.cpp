@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include "amx_tiles.h"
+#include "items.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -34,7 +35,7 @@ void configure(int rows0, int rows1) {
   if (rows1 > 0)
     for (int t : {2, 3, 5}) cfg.rows[t] = rows1, cfg.colsb[t] = 64;
   for (int t : {6, 7}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  load_tile_config(cfg);
 }
 
 // out[r, 0:32] = bf16(acc[r, 0:32]) for the first `rows` rows.
@@ -97,6 +98,25 @@ void run_blocks(const c10::BFloat16* x, int64_t K, const char* w, int64_t N, int
 }
 }  // namespace
 
+void amx_column_block(const c10::BFloat16* x, int64_t M, int64_t K, const char* w, int64_t j,
+                      c10::BFloat16* out, int64_t ld, int (&have)[2]) {
+  for (int64_t m = 0; m < M; m += 32) {
+    const int rows0 = static_cast<int>(std::min<int64_t>(16, M - m));
+    const int rows1 = static_cast<int>(std::clamp<int64_t>(M - m - 16, 0, 16));
+    if (rows0 != have[0] || rows1 != have[1]) {
+      configure(rows0, rows1);
+      have[0] = rows0;
+      have[1] = rows1;
+    }
+    tile_block(x + m * K, K, w + j * (K / 32) * 2048, rows0, rows1, out + m * ld, ld);
+  }
+}
+
+void amx_release_tiles(int (&have)[2]) {
+  if (have[0] >= 0) _tile_release();
+  have[0] = have[1] = -1;
+}
+
 bool amx_available() {
   static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
   return ok;
@@ -126,6 +146,13 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed) {
 }
 
 #else  // no AMX on the CPU this was built for: engine/linear.py keeps oneDNN's GEMM
+#include "items.h"
+
+void amx_column_block(const c10::BFloat16*, int64_t, int64_t, const char*, int64_t,
+                      c10::BFloat16*, int64_t, int (&)[2]) {
+  TORCH_CHECK(false, "amx_column_block: built for a CPU without AMX");
+}
+void amx_release_tiles(int (&)[2]) {}
 
 bool amx_available() { return false; }
 

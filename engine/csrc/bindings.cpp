@@ -1,5 +1,6 @@
 // The Python module of splitserve's CPU kernels (engine/cpu_kernels.py builds it).
 #include "kernels.h"
+#include "team.h"
 
 // Each kernel lets go of the GIL while it runs: a worker's asyncio and Ray threads (token
 // delivery, KV transfer) keep going during a step's attention, as they do during torch's ops.
@@ -16,5 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention of prefill chunks over the paged cache into out's rows, bf16 on AMX (prefill_attention.cpp)");
   m.def("decode_layers", &decode_layers, release(),
         "a decode step's decoder layers in one call, bf16 on AMX (decode_layers.cpp)");
+  m.def("team_takeovers", &team_takeovers,
+        "items of the fused decode taken over from a preempted thread (team.h)");
+  m.def("team_debug_stall", &team_debug_stall, "tests: make a team thread hold items (team.h)");
   m.def("silu_and_mul", &silu_and_mul, release(), "silu(gate) * up of x = [T, 2I] (elementwise.cpp)");
 }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "items.h"
 #include "vec512.h"
 
 template <typename T>
@@ -77,6 +78,15 @@ static void add_rms_norm_rows(const c10::BFloat16* x, c10::BFloat16* res, const 
       orow[i] = c10::BFloat16(static_cast<float>(w[i]) * normed);
     }
   }
+}
+
+void add_rms_norm_rows_bf16(const c10::BFloat16* x, c10::BFloat16* res, const c10::BFloat16* w,
+                            c10::BFloat16* out, int64_t rows, int64_t H, float eps) {
+  add_rms_norm_rows(x, res, w, out, rows, H, eps);
+}
+
+void silu_mul_rows_bf16(const c10::BFloat16* x, c10::BFloat16* out, int64_t rows, int64_t I) {
+  silu_mul_rows(x, out, rows, I);
 }
 
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,

@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "items.h"
+
 // One K or V row as fp32: a copy for bf16 (a shift per element), the row itself for fp32.
 template <int DC>
 static inline const float* row_f32(const float* src, int64_t, float*) { return src; }
@@ -177,44 +179,75 @@ static float softmax_avx512(float* sg, int64_t len) {
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
+// One (sequence, KV head) item: the G query heads `qb` [G, D] fp32 attend over `len` tokens of
+// the block table `table`; their outputs go to `ob` [G, D] fp32. s, inv, off: the caller's
+// scratch (kept across items).
+template <typename T, int NC>
+void decode_item(const float* qb, const T* kp, const T* vp, const int64_t* table, int64_t len,
+                 int64_t h, int64_t G, int64_t BS, int64_t KVH, float sc, float* ob,
+                 std::vector<float>& s, std::vector<float>& inv, std::vector<int64_t>& off) {
+  constexpr int D = NC * 16, GB = 16 / NC;  // GB heads' output rows fit in 16 registers
+  const int64_t Gp = (G + GB - 1) / GB * GB, ld = (len + 15) / 16 * 16;
+  inv.resize(Gp);
+  s.assign(Gp * ld, 0.f);  // rows past G stay 0: heads that add nothing
+  row_offsets(table, len, ld, BS, KVH, h, D, off);
+  scores<T, NC>(qb, kp, off.data(), len, G, sc, s.data(), ld);
+  for (int64_t g = 0; g < G; ++g) inv[g] = softmax_avx512(s.data() + g * ld, len);
+  for (int64_t g0 = 0; g0 < G; g0 += GB) {  // weighted V: V read once per GB heads
+    __m512 o[GB][NC];
+    for (int gg = 0; gg < GB; ++gg)
+      for (int c = 0; c < NC; ++c) o[gg][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const T* vr = vp + off[t];
+      if (t + 16 < len) prefetch_row<T, D>(vp + off[t + 16]);
+      __m512 v[NC];
+      for (int c = 0; c < NC; ++c) v[c] = load16(vr + 16 * c);
+      for (int gg = 0; gg < GB; ++gg) {
+        const __m512 w = _mm512_set1_ps(s[(g0 + gg) * ld + t]);
+        for (int c = 0; c < NC; ++c) o[gg][c] = _mm512_fmadd_ps(w, v[c], o[gg][c]);
+      }
+    }
+    for (int gg = 0; gg < GB && g0 + gg < G; ++gg) {
+      float* og = ob + (g0 + gg) * D;
+      const __m512 vi = _mm512_set1_ps(inv[g0 + gg]);
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(og + 16 * c, _mm512_mul_ps(o[gg][c], vi));
+    }
+  }
+}
+
 template <typename T, int NC>
 void paged_decode_avx512(const float* qp, const T* kp, const T* vp, const int64_t* tp,
                          const int64_t* lp, float* op, int64_t B, int64_t H, int64_t BS,
                          int64_t KVH, int64_t MB, float sc) {
-  constexpr int D = NC * 16, GB = 16 / NC;  // GB heads' output rows fit in 16 registers
-  const int64_t G = H / KVH, Gp = (G + GB - 1) / GB * GB;
+  constexpr int D = NC * 16;
+  const int64_t G = H / KVH;
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s, inv(Gp);
+    std::vector<float> s, inv;
     std::vector<int64_t> off;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, h = i % KVH, len = std::min(lp[b], MB * BS);
-      const int64_t ld = (len + 15) / 16 * 16;
-      s.assign(Gp * ld, 0.f);  // rows past G stay 0: heads that add nothing
-      row_offsets(tp + b * MB, len, ld, BS, KVH, h, D, off);
-      scores<T, NC>(qp + (b * H + h * G) * D, kp, off.data(), len, G, sc, s.data(), ld);
-      for (int64_t g = 0; g < G; ++g) inv[g] = softmax_avx512(s.data() + g * ld, len);
-      for (int64_t g0 = 0; g0 < G; g0 += GB) {  // weighted V: V read once per GB heads
-        __m512 o[GB][NC];
-        for (int gg = 0; gg < GB; ++gg)
-          for (int c = 0; c < NC; ++c) o[gg][c] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < len; ++t) {
-          const T* vr = vp + off[t];
-          if (t + 16 < len) prefetch_row<T, D>(vp + off[t + 16]);
-          __m512 v[NC];
-          for (int c = 0; c < NC; ++c) v[c] = load16(vr + 16 * c);
-          for (int gg = 0; gg < GB; ++gg) {
-            const __m512 w = _mm512_set1_ps(s[(g0 + gg) * ld + t]);
-            for (int c = 0; c < NC; ++c) o[gg][c] = _mm512_fmadd_ps(w, v[c], o[gg][c]);
-          }
-        }
-        for (int gg = 0; gg < GB && g0 + gg < G; ++gg) {
-          float* ob = op + (b * H + h * G + g0 + gg) * D;
-          const __m512 vi = _mm512_set1_ps(inv[g0 + gg]);
-          for (int c = 0; c < NC; ++c) _mm512_storeu_ps(ob + 16 * c, _mm512_mul_ps(o[gg][c], vi));
-        }
-      }
+      const int64_t at = (b * H + h * G) * D;
+      decode_item<T, NC>(qp + at, kp, vp, tp + b * MB, len, h, G, BS, KVH, sc, op + at, s, inv,
+                         off);
     }
   });
+}
+
+void paged_decode_item_bf16(const float* qb, const c10::BFloat16* kp, const c10::BFloat16* vp,
+                            const int64_t* table, int64_t len, int64_t h, int64_t G, int64_t D,
+                            int64_t BS, int64_t KVH, float sc, float* ob, ItemScratch& scratch) {
+  if (D == 64)
+    return decode_item<c10::BFloat16, 4>(qb, kp, vp, table, len, h, G, BS, KVH, sc, ob,
+                                         scratch.s, scratch.inv, scratch.off);
+  TORCH_CHECK(D == 128, "paged_decode_item_bf16: head dim 64 or 128");
+  decode_item<c10::BFloat16, 8>(qb, kp, vp, table, len, h, G, BS, KVH, sc, ob, scratch.s,
+                                scratch.inv, scratch.off);
+}
+#else
+void paged_decode_item_bf16(const float*, const c10::BFloat16*, const c10::BFloat16*,
+                            const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            float, float*, ItemScratch&) {
+  TORCH_CHECK(false, "paged_decode_item_bf16: built for a CPU without AVX-512");
 }
 #endif
 

@@ -46,7 +46,7 @@ constexpr int kKeys = 128;  // keys per softmax step (4 blocks of 32)
 void configure() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  load_tile_config(cfg);
 }
 
 struct Rows {  // a [T, heads, D] bf16 tensor's data: row stride in elements, head stride D

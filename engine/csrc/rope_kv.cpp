@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "items.h"
 #include "vec512.h"
 
 namespace {
@@ -42,6 +43,10 @@ void rope_head(bf16* x, const bf16* cos, const bf16* sin, int64_t D) {
 }
 }  // namespace
 
+void rope_heads_bf16(bf16* x, const bf16* cos, const bf16* sin, int64_t heads, int64_t D) {
+  for (int64_t h = 0; h < heads; ++h) rope_head(x + h * D, cos, sin, D);
+}
+
 void rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                    torch::Tensor v_cache, torch::Tensor slots, int64_t H, int64_t KVH) {
   TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
@@ -72,7 +77,7 @@ void rope_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       bf16* x = xp + t * width;
-      for (int64_t h = 0; h < H + KVH; ++h) rope_head(x + h * D, cp + t * D, snp + t * D, D);
+      rope_heads_bf16(x, cp + t * D, snp + t * D, H + KVH, D);
       std::memcpy(kc + sp[t] * row, x + H * D, row * sizeof(bf16));
       std::memcpy(vc + sp[t] * row, x + (H + KVH) * D, row * sizeof(bf16));
     }

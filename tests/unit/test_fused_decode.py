@@ -61,6 +61,35 @@ def test_fused_step_equals_the_layers_one_call_at_a_time(tiny_dir):
 
 
 @needs_amx
+@pytest.mark.parametrize("thread", [1, 0])  # 1: the helper stalls; 0: the caller does
+def test_items_of_a_stalled_thread_are_taken_over_with_the_same_result(tiny_dir, thread):
+    """A thread the OS preempts, played by one that sleeps 2 ms holding every third item it
+    claims: the other takes those items over, the sleeper's late results are dropped, and
+    every step still equals the layers one call at a time."""
+    llm = _llm(tiny_dir)
+    runner = llm.engine.runner
+    fused = runner.fused
+    assert fused is not None
+    kernels = fused.kernels
+    real_run, checked = fused.run, []
+
+    def checked_run(ids, pos, kv_cache, meta):
+        out = real_run(ids, pos, kv_cache, meta)
+        checked.append(torch.equal(out, runner.model(ids, pos, kv_cache, meta)))
+        return out
+
+    fused.run = checked_run
+    before = kernels.team_takeovers()
+    kernels.team_debug_stall(thread, 3, 2000)
+    try:
+        llm.generate(_prompts(4), GREEDY)
+    finally:
+        kernels.team_debug_stall(-1, 0, 0)
+    assert checked and all(checked)
+    assert kernels.team_takeovers() > before
+
+
+@needs_amx
 def test_fused_decode_gives_the_same_tokens_batched_and_alone(tiny_dir):
     prompts = _prompts(6)
     fused_llm = _llm(tiny_dir)
