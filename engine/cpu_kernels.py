@@ -7,7 +7,8 @@
     csrc/prefill_attention.cpp  causal attention of whole prompts on AMX tiles, bf16
                             (engine.cpu_attention)
     csrc/decode_layers.cpp  a decode step's decoder layers in one call, bf16 on AMX
-                            (engine.fused_decode), on the threads of csrc/team.cpp
+                            (engine.fused_decode): its ops (csrc/decode_ops.cpp) on the
+                            threads of csrc/team.cpp
     csrc/items.h            the kernels' per-item bodies, which decode_layers runs
     csrc/vec512.h           the AVX-512 helpers they share; csrc/amx_tiles.h the AMX tile config
     csrc/kernels.h          the kernels' entry points; csrc/bindings.cpp the Python module
@@ -40,10 +41,11 @@ _SOURCES = (
     "rope_kv.cpp",
     "prefill_attention.cpp",
     "decode_layers.cpp",
+    "decode_ops.cpp",
     "team.cpp",
     "bindings.cpp",
 )
-_HEADERS = ("vec512.h", "amx_tiles.h", "kernels.h", "items.h", "team.h")
+_HEADERS = ("vec512.h", "amx_tiles.h", "kernels.h", "items.h", "team.h", "decode_ops.h")
 
 
 def _cpu_tag() -> str:
