@@ -10,6 +10,7 @@ B sequences prefilled, then decoding together; for --steps steps each phase is t
 then one torch.profiler pass over a few steps: the top ops by self CPU time.
 
 splitserve bench step --batch-sizes 1 32 --dtype float32
+splitserve bench step --batch-sizes 32 --hogs 2   # beside 2 busy processes (bench.cpu_hogs)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bench.cpu_hogs import cpu_hogs
 from bench.roofline import machine_info
 from bench.workloads import random_prompts
 from engine import LLM, SamplingParams
@@ -36,6 +38,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-packed-gemm", action="store_true", help="F.linear, for an A/B")
     p.add_argument(
         "--no-fused-decode", action="store_true", help="decode layer by layer, for an A/B"
+    )
+    p.add_argument(
+        "--hogs", type=int, default=0, help="time the steps beside N busy processes (cpu_hogs)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
@@ -134,11 +139,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.no_fused_decode:
         llm.engine.runner.fused = None
-    result = {
+    result: dict[str, Any] = {
         "machine": machine_info(llm.engine.config.dtype, torch.get_num_threads()),
         "config": {k: str(v) for k, v in vars(args).items() if k != "func"},
-        "batches": [profile_batch(llm.engine, b, args) for b in args.batch_sizes],
     }
+    with cpu_hogs(args.hogs):
+        result["batches"] = [profile_batch(llm.engine, b, args) for b in args.batch_sizes]
     print(format_result(result))
     if args.result_json:
         args.result_json.parent.mkdir(parents=True, exist_ok=True)
