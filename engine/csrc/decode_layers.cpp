@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <mutex>
 
 #include "decode_ops.h"
 #include "kernels.h"
@@ -147,6 +148,9 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             double eps, double scale) {
   Dims d = check_model(x, kv_cache, weights, H, KVH);
   d.MB = block_tables.dim() == 2 ? block_tables.size(1) : 0;
+  // one fused step at a time in a process: the workspace and the team are the process's
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
   const Buffers b = layout(d);
   copy_inputs(d, b, cos, sin, slots, block_tables, context_lens);
   // layer 0's norm: HF's RMSNorm in bf16 (model.py RMSNorm.forward), torch's ops

@@ -5,7 +5,8 @@
 
 namespace {
 using Clock = std::chrono::steady_clock;
-constexpr auto kSpin = std::chrono::microseconds(200);  // a helper spins this long for the next step
+// a helper spins this long for the next step, then sleeps (steps are milliseconds apart)
+constexpr auto kSpin = std::chrono::microseconds(30);
 // s: how long a thread out of items waits for an op's last ones before taking them over
 constexpr double kMinGrace = 20e-6, kNoItemGrace = 50e-6;
 std::atomic<int64_t> takeovers{0};

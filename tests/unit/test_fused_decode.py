@@ -3,6 +3,8 @@ states of the layers run one Python call at a time, bit for bit, and only decode
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from tiny_model import make_tiny_checkpoint
@@ -99,6 +101,26 @@ def test_fused_decode_gives_the_same_tokens_batched_and_alone(tiny_dir):
     plain_llm.engine.runner.fused = None
     assert batched == [o.token_ids for o in plain_llm.generate(prompts, GREEDY)]
     assert alone == batched  # a fused batch leaves nothing behind in a later request's KV
+
+
+@needs_amx
+def test_two_engines_decoding_at_once_in_one_process(tiny_dir):
+    """The fused steps of two engines on two threads (the process's workspace and threads are
+    shared: one step at a time) give each engine its own tokens."""
+    prompts = _prompts(5)
+    expected = [o.token_ids for o in _llm(tiny_dir).generate(prompts, GREEDY)]
+    engines = [_llm(tiny_dir), _llm(tiny_dir)]
+    results: list[list[list[int]]] = [[], []]
+
+    def generate(k: int) -> None:
+        results[k] = [o.token_ids for o in engines[k].generate(prompts, GREEDY)]
+
+    threads = [threading.Thread(target=generate, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [expected, expected]
 
 
 @needs_amx
