@@ -40,9 +40,7 @@ Team::Team(int helpers)
     : helpers_(helpers),
       ops_(new Op[kMaxOps]),
       base_(new int64_t[kMaxOps + 1]),
-      done_(new std::atomic<int64_t>[kMaxOps * kMaxThreads]),
-      state_(new std::atomic<uint64_t>[kMaxItems]) {
-  for (int64_t i = 0; i < kMaxItems; ++i) state_[i].store(0, std::memory_order_relaxed);
+      done_(new std::atomic<int64_t>[kMaxOps * kMaxThreads]) {
   TORCH_CHECK(helpers_ < kMaxThreads, "Team: at most ", kMaxThreads, " threads");
   for (int64_t k = 0; k < kMaxOps * kMaxThreads; ++k) done_[k].store(0);
   for (int h = 1; h <= helpers_; ++h) std::thread([this, h] { helper_loop(h); }).detach();
@@ -59,9 +57,14 @@ void Team::run(const std::vector<Op>& ops) {
   TORCH_CHECK(nops <= kMaxOps, "Team: a step of ", nops, " ops");
   int64_t items = 0;
   for (const Op& op : ops) items += op.n;
-  TORCH_CHECK(items <= kMaxItems, "Team: a step of ", items, " items");
   const uint64_t step = step_.load() + 1;
   step_.store(step);  // a late helper stops before anything below is rewritten
+  if (items > capacity_) {  // a bigger step than any before: a new array, the old one kept
+    capacity_ = 2 * items;
+    kept_.emplace_back(new std::atomic<uint64_t>[capacity_]);
+    states_.store(kept_.back().get());
+  }
+  std::atomic<uint64_t>* states = states_.load();
   nops_ = nops;
   base_[0] = 0;
   for (int64_t k = 0; k < nops; ++k) {
@@ -69,7 +72,7 @@ void Team::run(const std::vector<Op>& ops) {
     base_[k + 1] = base_[k] + ops[k].n;
     for (int r = 0; r <= helpers_; ++r) done_[r * kMaxOps + k].store(0, std::memory_order_relaxed);
   }
-  for (int64_t i = 0; i < items; ++i) state_[i].store(tag(step) | kFree, std::memory_order_relaxed);
+  for (int64_t i = 0; i < items; ++i) states[i].store(tag(step) | kFree, std::memory_order_relaxed);
   ready_.store(step);  // the helpers may start
   if (sleeping_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -84,8 +87,8 @@ void Team::execute(uint64_t step, int r) {
   for (int64_t k = 0; k < nops; ++k) {
     const int64_t base = base_[k];
     const Op op = ops_[k];
+    std::atomic<uint64_t>* st = states_.load() + base;
     if (step_.load() != step) return;  // a newer step: what was copied may be torn
-    std::atomic<uint64_t>* st = state_.get() + base;
     // this thread's share first (its items' states stay in its core's cache), then the others'
     int64_t mine = 0;
     const auto t0 = Clock::now();

@@ -58,7 +58,7 @@ struct Op {
 
 class Team {
  public:
-  static constexpr int64_t kMaxOps = 4096, kMaxItems = 1 << 19;  // a step's, in all
+  static constexpr int64_t kMaxOps = 4096;  // a step's
   static constexpr int kMaxThreads = 16;
   explicit Team(int helpers);
   // A step's ops in order, on the calling thread and the helpers; returns when all are done.
@@ -80,10 +80,13 @@ class Team {
   std::atomic<uint64_t> ready_{0};  // the step whose program is written
   int64_t nops_ = 0;
   std::unique_ptr<Op[]> ops_;
-  std::unique_ptr<int64_t[]> base_;  // op k's items are state_[base_[k] ...]
+  std::unique_ptr<int64_t[]> base_;  // op k's items are states_[base_[k] ...]
   // items done [thread][op]: a thread's counts share no cache line with another's
   std::unique_ptr<std::atomic<int64_t>[]> done_;
-  std::unique_ptr<std::atomic<uint64_t>[]> state_;
+  // item states, grown for a bigger step; an outgrown array is kept (a late thread may hold it)
+  std::atomic<std::atomic<uint64_t>*> states_{nullptr};
+  int64_t capacity_ = 0;
+  std::vector<std::unique_ptr<std::atomic<uint64_t>[]>> kept_;
   std::atomic<bool> stop_{false};
   std::atomic<int> sleeping_{0};
   std::mutex mu_;
