@@ -129,7 +129,7 @@ std::vector<Op> program(const Dims& d, const Buffers& b, bf16* kv, int64_t layer
     ops.push_back(linear_op(b.h, w[1], b.qkv, T));
     ops.push_back(rope_op(b.cos, b.sin, b.slots, b.qkv, kc, vc, T, d.H, d.KVH, d.D));
     ops.push_back(attn_op(b.qkv, kc, vc, b.tables, b.lens, b.attn, T, d.H, d.KVH, d.D, d.BS,
-                          d.MB, scale));
+                          d.MB, d.slots / d.BS, scale));
     ops.push_back(linear_op(b.attn, w[2], b.o, T));
     ops.push_back(add_norm_op(b.o, b.res, w[3], b.h, T, d.hid, eps));
     ops.push_back(linear_op(b.h, w[4], b.gu, T));

@@ -2,6 +2,7 @@
 // commits (writes the op's outputs) only if its thread still holds it (team.h).
 #include "decode_ops.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "items.h"
@@ -11,6 +12,7 @@ namespace {
 struct Scratch {  // a thread's: an item computes here, then commits
   std::vector<bf16> a, b;
   std::vector<float> q, o;
+  std::vector<int64_t> table;
   ItemScratch attn;
   int have[2] = {-1, -1};  // its AMX tile config
 };
@@ -75,18 +77,24 @@ void rope_item(const Op& op, int64_t t, Commit& c) {
 }
 
 // Decode attention of (sequence b, KV head h): in[0] qkv, in[1] k_cache, in[2] v_cache,
-// in[3] tables [B, MB], in[4] lens [B]; out[0] [B, H D]; v: H, KVH, D, BS, MB. f: scale.
+// in[3] tables [B, MB], in[4] lens [B]; out[0] [B, H D]; v: H, KVH, D, BS, MB, blocks in the
+// cache. f: scale. The table row and the length are clamped to the cache as they are read: a
+// late thread (preempted past its step) may read a workspace the next step has rewritten, and
+// it must not read outside the cache (its result is dropped; a current step's are in range).
 void attn_item(const Op& op, int64_t i, Commit& c) {
   const int64_t H = op.v[0], KVH = op.v[1], D = op.v[2], BS = op.v[3], MB = op.v[4];
   const int64_t b = i / KVH, h = i % KVH, G = H / KVH, width = (H + 2 * KVH) * D;
-  const int64_t len = std::min(static_cast<const int64_t*>(op.in[4])[b], MB * BS);
+  const int64_t len = std::clamp<int64_t>(static_cast<const int64_t*>(op.in[4])[b], 1, MB * BS);
+  const int64_t* row = static_cast<const int64_t*>(op.in[3]) + b * MB;
+  int64_t* table = grow(tls.table, MB);
+  for (int64_t j = 0; j < MB; ++j) table[j] = std::clamp<int64_t>(row[j], 0, op.v[5] - 1);
   const bf16* q = static_cast<const bf16*>(op.in[0]) + b * width + h * G * D;
   float* qf = grow(tls.q, G * D);
   float* of = grow(tls.o, G * D);
   for (int64_t k = 0; k < G * D; ++k) qf[k] = static_cast<float>(q[k]);
   paged_decode_item_bf16(qf, static_cast<const bf16*>(op.in[1]),
                          static_cast<const bf16*>(op.in[2]),
-                         static_cast<const int64_t*>(op.in[3]) + b * MB, len, h, G, D, BS, KVH,
+                         table, len, h, G, D, BS, KVH,
                          op.f, of, tls.attn);
   if (!c.commit()) return;
   bf16* out = static_cast<bf16*>(op.out[0]) + b * H * D + h * G * D;
@@ -135,13 +143,13 @@ Op rope_op(const bf16* cos, const bf16* sin, const int64_t* slots, bf16* qkv, bf
 
 Op attn_op(const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int64_t* tables,
            const int64_t* lens, bf16* out, int64_t T, int64_t H, int64_t KVH, int64_t D,
-           int64_t BS, int64_t MB, double scale) {
+           int64_t BS, int64_t MB, int64_t blocks, double scale) {
   Op op;
   op.fn = attn_item;
   op.n = T * KVH;
   op.in[0] = qkv, op.in[1] = k_cache, op.in[2] = v_cache, op.in[3] = tables, op.in[4] = lens;
   op.out[0] = out;
-  op.v[0] = H, op.v[1] = KVH, op.v[2] = D, op.v[3] = BS, op.v[4] = MB;
+  op.v[0] = H, op.v[1] = KVH, op.v[2] = D, op.v[3] = BS, op.v[4] = MB, op.v[5] = blocks;
   op.f = static_cast<float>(scale);
   return op;
 }

@@ -15,9 +15,10 @@ Op add_norm_op(const bf16* x, bf16* res, const torch::Tensor& w, bf16* out, int6
 // q and k of qkv [T, (H + 2 KVH) D] roped in place, k and v to their cache slots; per token.
 Op rope_op(const bf16* cos, const bf16* sin, const int64_t* slots, bf16* qkv, bf16* k_cache,
            bf16* v_cache, int64_t T, int64_t H, int64_t KVH, int64_t D);
-// out [T, H D]: decode attention of qkv's q over the pages; per (sequence, KV head).
+// out [T, H D]: decode attention of qkv's q over the pages (a cache of `blocks` blocks); per
+// (sequence, KV head).
 Op attn_op(const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int64_t* tables,
            const int64_t* lens, bf16* out, int64_t T, int64_t H, int64_t KVH, int64_t D,
-           int64_t BS, int64_t MB, double scale);
+           int64_t BS, int64_t MB, int64_t blocks, double scale);
 // out [T, I] = silu(gate) * up of gate_up [T, 2I]; an item is 4 rows.
 Op silu_op(const bf16* gate_up, bf16* out, int64_t T, int64_t I);
