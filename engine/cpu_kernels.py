@@ -22,10 +22,13 @@ where it cannot be built (no compiler), `load()` says so once and callers take t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -68,19 +71,43 @@ def _source_tag() -> str:
 def load() -> ModuleType | None:
     """The built module, or None (logged once) where it cannot be built."""
     try:
+        from torch.utils.cpp_extension import _get_build_directory
         from torch.utils.cpp_extension import load as build
 
-        return build(
-            name=f"splitserve_cpu_kernels_{_cpu_tag()}_{_source_tag()}",
-            sources=[str(CSRC / name) for name in _SOURCES],
-            extra_include_paths=[str(CSRC)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        name = f"splitserve_cpu_kernels_{_cpu_tag()}_{_source_tag()}"
+        with _build_lock(Path(_get_build_directory(name, False))):
+            return build(
+                name=name,
+                sources=[str(CSRC / name) for name in _SOURCES],
+                extra_include_paths=[str(CSRC)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, no ninja: the torch path serves
         log.warning("splitserve: CPU kernels unavailable (%s); using torch's ops", exc)
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """One process at a time builds or loads the module; the lock goes with its holder.
+
+    torch's own lock is a file that a build creates and removes: a process killed while it
+    builds (a Ctrl-C during `make serve`'s first start, a stopped worker) leaves it behind,
+    and every later load then waits for it forever. Under this flock, which the OS releases
+    when its holder dies, a torch lock file found is such a leftover, and is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "splitserve.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("splitserve: removing %s, left by a build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def warm(device: torch.device) -> None:
