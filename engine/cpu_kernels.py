@@ -78,7 +78,7 @@ def load() -> ModuleType | None:
         with _build_lock(Path(_get_build_directory(name, False))):
             return build(
                 name=name,
-                sources=[str(CSRC / name) for name in _SOURCES],
+                sources=[str(CSRC / src) for src in _SOURCES],
                 extra_include_paths=[str(CSRC)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],

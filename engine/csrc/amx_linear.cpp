@@ -78,24 +78,6 @@ void tile_block(const c10::BFloat16* x, int64_t K, const char* w, int rows0, int
   store_rows(acc, rows0 + rows1, out, ld);
 }
 
-// Rows [m_begin, m_end) of x times weight blocks [j0, j1).
-void run_blocks(const c10::BFloat16* x, int64_t K, const char* w, int64_t N, int64_t m_begin,
-                int64_t m_end, int64_t j0, int64_t j1, c10::BFloat16* out) {
-  int have0 = -1, have1 = -1;
-  for (int64_t j = j0; j < j1; ++j) {
-    for (int64_t m = m_begin; m < m_end; m += 32) {
-      const int rows0 = static_cast<int>(std::min<int64_t>(16, m_end - m));
-      const int rows1 = static_cast<int>(std::clamp<int64_t>(m_end - m - 16, 0, 16));
-      if (rows0 != have0 || rows1 != have1) {
-        configure(rows0, rows1);
-        have0 = rows0;
-        have1 = rows1;
-      }
-      tile_block(x + m * K, K, w + j * (K / 32) * 2048, rows0, rows1, out + m * N + j * 32, N);
-    }
-  }
-  _tile_release();
-}
 }  // namespace
 
 void amx_column_block(const c10::BFloat16* x, int64_t M, int64_t K, const char* w, int64_t j,
@@ -116,6 +98,18 @@ void amx_release_tiles(int (&have)[2]) {
   if (have[0] >= 0) _tile_release();
   have[0] = have[1] = -1;
 }
+
+namespace {
+// Rows [m_begin, m_end) of x times weight blocks [j0, j1): one thread's share of amx_linear.
+void run_blocks(const c10::BFloat16* x, int64_t K, const char* w, int64_t N, int64_t m_begin,
+                int64_t m_end, int64_t j0, int64_t j1, c10::BFloat16* out) {
+  int have[2] = {-1, -1};
+  for (int64_t j = j0; j < j1; ++j)
+    amx_column_block(x + m_begin * K, m_end - m_begin, K, w, j, out + m_begin * N + j * 32, N,
+                     have);
+  amx_release_tiles(have);
+}
+}  // namespace
 
 bool amx_available() {
   static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;

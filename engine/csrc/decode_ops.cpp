@@ -18,6 +18,8 @@ struct Scratch {  // a thread's: an item computes here, then commits
 };
 thread_local Scratch tls;
 
+constexpr int64_t kRowsPerItem = 4;  // the norm's and SwiGLU's items
+
 template <typename T>
 T* grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -93,9 +95,8 @@ void attn_item(const Op& op, int64_t i, Commit& c) {
   float* of = grow(tls.o, G * D);
   for (int64_t k = 0; k < G * D; ++k) qf[k] = static_cast<float>(q[k]);
   paged_decode_item_bf16(qf, static_cast<const bf16*>(op.in[1]),
-                         static_cast<const bf16*>(op.in[2]),
-                         table, len, h, G, D, BS, KVH,
-                         op.f, of, tls.attn);
+                         static_cast<const bf16*>(op.in[2]), table, len, h, G, D, BS, KVH, op.f,
+                         of, tls.attn);
   if (!c.commit()) return;
   bf16* out = static_cast<bf16*>(op.out[0]) + b * H * D + h * G * D;
   for (int64_t k = 0; k < G * D; ++k) out[k] = bf16(of[k]);
@@ -120,8 +121,8 @@ Op add_norm_op(const bf16* x, bf16* res, const torch::Tensor& w, bf16* out, int6
                int64_t H, double eps) {
   Op op;
   op.fn = add_norm_item;
-  op.v[0] = T, op.v[1] = H, op.v[2] = 4;
-  op.n = (T + 3) / 4;
+  op.v[0] = T, op.v[1] = H, op.v[2] = kRowsPerItem;
+  op.n = (T + kRowsPerItem - 1) / kRowsPerItem;
   op.in[0] = x;
   op.in[1] = w.data_ptr<bf16>();
   op.out[0] = res;
@@ -157,8 +158,8 @@ Op attn_op(const bf16* qkv, const bf16* k_cache, const bf16* v_cache, const int6
 Op silu_op(const bf16* gate_up, bf16* out, int64_t T, int64_t I) {
   Op op;
   op.fn = silu_item;
-  op.v[0] = T, op.v[1] = I, op.v[2] = 4;
-  op.n = (T + 3) / 4;
+  op.v[0] = T, op.v[1] = I, op.v[2] = kRowsPerItem;
+  op.n = (T + kRowsPerItem - 1) / kRowsPerItem;
   op.in[0] = gate_up;
   op.out[0] = out;
   return op;
