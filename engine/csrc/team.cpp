@@ -152,7 +152,7 @@ void Team::take_over(int64_t k, const Op& op, std::atomic<uint64_t>* st, uint64_
 }
 
 void Team::helper_loop(int r) {
-  uint64_t seen = ready_.load();
+  uint64_t seen = 0;  // not ready_: a step posted before this thread ran is still to join
   while (!stop_.load()) {
     const uint64_t ready = ready_.load();
     if (ready == seen) {

@@ -88,7 +88,10 @@ def test_items_of_a_stalled_thread_are_taken_over_with_the_same_result(tiny_dir,
     finally:
         kernels.team_debug_stall(-1, 0, 0)
     assert checked and all(checked)
-    assert kernels.team_takeovers() > before
+    if thread == 1:  # the caller takes a sleeping helper's items over, every step
+        assert kernels.team_takeovers() > before
+    # thread 0: whether the helper is awake to take the caller's items over depends on when
+    # the OS runs it (0 in some runs, seen here); equality is what holds either way
 
 
 @needs_amx
