@@ -4,6 +4,9 @@
         ──> a batch of deltas per engine step ──> the queue of each delta's request
     the stream fails (actor died or unreachable) ──> every waiting request gets WorkerLost
         (and moves on: request_life migrates it); the next request starts a new stream
+    a new stream ──its first (empty) batch: the worker's listener is in place──> `connected`:
+        a request waits for it before anything can make its deltas (an older stream, one a
+        closed event loop started, would otherwise take them into a reader that is gone)
 
 One stream per worker instead of one per request: Ray's per-item cost (about 0.3 ms of
 CPU in the worker and 0.4 ms in the router, measured here) is paid once per engine step,
@@ -31,6 +34,7 @@ class WorkerOutputs:
         self.worker = worker
         self._queues: dict[str, asyncio.Queue[Item]] = {}
         self._pump: asyncio.Task | None = None
+        self._connected: asyncio.Event | None = None  # set: the worker's listener is this pump's
 
     def register(self, request_id: str) -> asyncio.Queue[Item]:
         """The queue `request_id`'s deltas will come to; register before the worker can
@@ -39,20 +43,35 @@ class WorkerOutputs:
         pump = self._pump
         if pump is None or pump.done() or pump.get_loop() is not aio:  # none, or a past loop's
             self._queues = {}
-            self._pump = aio.create_task(self._run())
+            self._connected = asyncio.Event()
+            self._pump = aio.create_task(self._run(self._connected))
         queue: asyncio.Queue[Item] = asyncio.Queue()
         self._queues[request_id] = queue
         return queue
 
+    async def connected(self, timeout_s: float) -> None:
+        """Return once the worker streams to this pump (at once after the first time);
+        a stream that fails first has already told every queue (WorkerLost)."""
+        connected, pump = self._connected, self._pump
+        assert connected is not None and pump is not None, "register first"
+        try:
+            await asyncio.wait_for(connected.wait(), timeout_s)
+        except TimeoutError:
+            raise WorkerLost(self.worker, f"output stream not open in {timeout_s:g} s") from None
+        if pump.done():  # it failed before or right after it opened
+            raise pump.result()
+
     def unregister(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    async def _run(self) -> None:
+    async def _run(self, connected: asyncio.Event) -> WorkerLost:
         worker = self.worker
         try:
             stream = worker.actor.outputs.options(num_returns="streaming").remote()
             async for ref in stream:
-                for delta in await ref:
+                batch = await ref
+                connected.set()
+                for delta in batch:
                     queue = self._queues.get(delta.request_id)
                     if queue is not None:  # else: an attempt the router already dropped
                         queue.put_nowait(delta)
@@ -62,11 +81,13 @@ class WorkerOutputs:
         except Exception as exc:  # noqa: BLE001 - the requests move on; logged once here
             log.warning("output stream of %s failed", worker.name, exc_info=exc)
             lost = WorkerLost(worker, f"output stream failed: {exc!r}")
+        connected.set()  # the queues hear why below
         if self._pump is asyncio.current_task():
             self._pump = None
         queues, self._queues = self._queues, {}
         for queue in queues.values():
             queue.put_nowait(lost)
+        return lost
 
 
 def outputs_of(worker: Worker) -> WorkerOutputs:

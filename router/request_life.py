@@ -158,7 +158,9 @@ class RequestLife:
         fleet.enter(worker)
         self.trace.engine = worker.name
         self.phase = Phase.STREAMING
-        queue = outputs_of(worker).register(self.attempt_rid)
+        outputs = outputs_of(worker)
+        queue = outputs.register(self.attempt_rid)
+        await outputs.connected(self.router.reserve_timeout_s)
         try:
             await worker.actor.submit.remote(self.attempt_rid, ids, params)
         except ray.exceptions.RayActorError as exc:
@@ -168,7 +170,9 @@ class RequestLife:
 
     async def _split(self, ids: list[int], params: SamplingParams, avoid: set[str]):
         decode, ticket = await reserve(self, ids, params, avoid)
-        queue = outputs_of(decode).register(self.attempt_rid)  # no await since reserve
+        outputs = outputs_of(decode)
+        queue = outputs.register(self.attempt_rid)  # no await since reserve
+        await outputs.connected(self.router.reserve_timeout_s)  # before D can make a delta
         prefill = await self._pick_prefill(ids, avoid)
         self.phase = Phase.PREFILLING
         leases = self.router.leases

@@ -1,5 +1,6 @@
 """decode_worker.outbox: deltas put from the engine thread reach the one listener, in order,
-a batch per wake-up; a new listener takes over from an old one."""
+a batch per wake-up; a listener's first batch is empty (it is in place); a new listener takes
+over from an old one."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def test_deltas_from_another_thread_arrive_in_order_and_batched():
         raise AssertionError("the stream ended")
 
     batches = asyncio.run(asyncio.wait_for(run(), 10))
+    assert batches[0] == []  # the listener is in place
     flat = [d for b in batches for d in b]
     assert flat[0].request_id == "early"
     for rid in ("a", "b"):
@@ -45,6 +47,7 @@ def test_a_new_listener_takes_over_and_a_closed_loop_does_not_break_put():
 
     async def first() -> None:
         agen = outbox.batches()
+        assert await anext(agen) == []
         outbox.put(TokenDelta("x", [1]))
         assert [d.token_ids for d in await anext(agen)] == [[1]]
 
@@ -53,10 +56,12 @@ def test_a_new_listener_takes_over_and_a_closed_loop_does_not_break_put():
 
     async def second() -> None:
         old = outbox.batches()
+        assert await anext(old) == []
         assert [d.request_id for d in await anext(old)] == ["y"]  # what waited for it
         old_next = asyncio.ensure_future(anext(old))
         await asyncio.sleep(0.05)  # the old listener waits for more
         new = outbox.batches()
+        assert await anext(new) == []  # in place: the old one can take nothing more
         new_next = asyncio.ensure_future(anext(new))
         await asyncio.sleep(0.05)
         outbox.put(TokenDelta("z", [3]))
