@@ -11,6 +11,7 @@
                             threads of csrc/team.cpp
     csrc/items.h            the kernels' per-item bodies, which decode_layers runs
     csrc/vec512.h           the AVX-512 helpers they share; csrc/amx_tiles.h the AMX tile config
+    csrc/copy_crc.cpp       KV pages copied and CRC-32C'd in one pass (kv_transfer.page_copy)
     csrc/kernels.h          the kernels' entry points; csrc/bindings.cpp the Python module
 
 torch's cpp_extension builds them once (gcc, -O3 -march=native, OpenMP), cached under
@@ -46,6 +47,7 @@ _SOURCES = (
     "decode_layers.cpp",
     "decode_ops.cpp",
     "team.cpp",
+    "copy_crc.cpp",
     "bindings.cpp",
 )
 _HEADERS = ("vec512.h", "amx_tiles.h", "kernels.h", "items.h", "team.h", "decode_ops.h")

@@ -20,5 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("team_takeovers", &team_takeovers,
         "items of the fused decode taken over from a preempted thread (team.h)");
   m.def("team_debug_stall", &team_debug_stall, "tests: make a team thread hold items (team.h)");
+  // the copies keep the GIL: releasing it measured slower for KV pages (kv_transfer.page_copy)
+  m.def("copy_crc32c", &copy_crc32c, "dst[:] = src, returning the CRC-32C of the bytes (copy_crc.cpp)");
+  m.def("copy_blocks_crc32c", &copy_blocks_crc32c,
+        "blocks[ids] <-> flat (into_blocks: flat -> blocks), returning the flat bytes' CRC-32C (copy_crc.cpp)");
   m.def("silu_and_mul", &silu_and_mul, release(), "silu(gate) * up of x = [T, 2I] (elementwise.cpp)");
 }

@@ -23,3 +23,8 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             torch::Tensor block_tables, torch::Tensor context_lens,
                             std::vector<torch::Tensor> weights, int64_t H, int64_t KVH,
                             double eps, double scale);
+// KV pages copied with their CRC-32C taken on the way (copy_crc.cpp): the sum is of the bytes
+// copied, in flat order; `crc` carries a sum over several calls (crc32c.crc32c's convention).
+uint32_t copy_crc32c(py::buffer dst, py::buffer src, uint32_t crc);
+uint32_t copy_blocks_crc32c(py::buffer flat, py::buffer blocks, int64_t block_bytes,
+                            std::vector<int64_t> ids, bool into_blocks, uint32_t crc);

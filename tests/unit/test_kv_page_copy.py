@@ -1,11 +1,16 @@
-"""Pages copied slice by slice with their CRC-32C summed as they go (kv_transfer.page_copy)."""
+"""Pages copied slice by slice with their CRC-32C summed as they go (kv_transfer.page_copy):
+in one pass with the engine's CPU kernels (csrc/copy_crc.cpp), and without them."""
 
 from __future__ import annotations
 
+import os
+
+import crc32c
 import pytest
 import torch
 
 import kv_transfer.page_copy as page_copy
+from engine import cpu_kernels
 from kv_transfer.errors import ChecksumMismatchError
 from kv_transfer.grpc_codec import PageRef, decode_chunk, encode_chunk, header_from_proto
 from kv_transfer.page_copy import fresh_bytes, gather_page, land_page
@@ -25,8 +30,40 @@ IDS = {
 
 
 @pytest.fixture(params=[1 << 20, 7_000])  # one slice a half; several (some of one block)
-def slices(request, monkeypatch):
+def slices(request, monkeypatch, kernels):
     monkeypatch.setattr(page_copy, "SLICE_BYTES", request.param)
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def kernels(request, monkeypatch):
+    if request.param == "kernels" and cpu_kernels.load() is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    if request.param == "torch":  # a machine where they cannot be built
+        monkeypatch.setattr(page_copy.cpu_kernels, "load", lambda: None)
+
+
+# around the folding's 256-byte steps and 512-byte minimum, and large
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 255, 256, 511, 512, 513, 768, 3073, (1 << 20) + 13])
+def test_copy_crc32c_copies_and_sums_like_crc32c(size):
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    src = memoryview(os.urandom(size + 3))[3:]  # not aligned
+    for carried in (0, 0x1234ABCD, 0xFFFFFFFF):  # a sum carried over from earlier bytes
+        dst = bytearray(size)
+        assert kernels.copy_crc32c(dst, src, carried) == crc32c.crc32c(src, carried)
+        assert dst == src
+
+
+def test_copy_blocks_crc32c_refuses_a_block_outside_the_cache():
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    blocks, flat = bytearray(64 * 10), bytearray(64 * 2)
+    with pytest.raises(IndexError, match="block id out of range"):
+        kernels.copy_blocks_crc32c(flat, blocks, 64, [3, 10], False, 0)
+    with pytest.raises(ValueError, match="not len"):
+        kernels.copy_blocks_crc32c(flat, blocks, 64, [3], False, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -62,7 +99,7 @@ def test_land_raises_on_a_corrupt_payload_and_stays_in_its_blocks(slices):
     assert not dst[:, :, [b for b in range(40) if b not in (7, 8, 9)]].any()
 
 
-def test_a_page_ref_encodes_to_a_checked_kv_chunk():
+def test_a_page_ref_encodes_to_a_checked_kv_chunk(kernels):
     # what gRPC sends for a queued page: an ordinary KVChunk whose payload and crc check
     kv = _cache(torch.bfloat16)
     message = encode_chunk(PageRef("r", kv, 2, [3, 1, 2], [0, 5, 6]))
