@@ -98,12 +98,14 @@ async def _wait_pools(backend, prefill, decode, timeout_s=120.0):
         await asyncio.sleep(0.5)
 
 
-async def _collect(backend, rid, ids, params, progress=None):
+async def _collect(backend, rid, ids, params, progress=None, streams_on=None):
     tokens = []
     async for delta in backend.generate(rid, ids, params):
         tokens += delta.token_ids
         if progress is not None:
             progress[rid] = len(tokens)
+        if streams_on is not None and delta.trace is not None:
+            streams_on[rid] = delta.trace.engine  # the decode worker streaming it now
     return tokens
 
 
@@ -111,6 +113,7 @@ def test_killed_decode_and_prefill_lose_no_request(backend, expected):
     pids = {w.name: w.pid for w in backend.fleet.members()}
     assert all(pids.values())
     progress: dict[str, int] = {}
+    streams_on: dict[str, str] = {}
     finished: set[str] = set()
 
     async def run():
@@ -119,20 +122,26 @@ def test_killed_decode_and_prefill_lose_no_request(backend, expected):
         async def one(i):
             async with sem:
                 p, rid = i % len(PROMPTS), f"chaos-{i}"
-                tokens = await _collect(backend, rid, PROMPTS[p], PARAMS, progress)
+                tokens = await _collect(backend, rid, PROMPTS[p], PARAMS, progress, streams_on)
                 finished.add(rid)
                 return p, tokens
 
-        def streaming() -> int:  # live streams well under way (finished ones do not count)
-            return sum(n >= 3 for rid, n in progress.items() if rid not in finished)
+        def live() -> list[str]:  # streams well under way (finished ones do not count)
+            return [rid for rid, n in progress.items() if n >= 3 and rid not in finished]
+
+        def streaming() -> int:
+            return len(live())
 
         tasks = [asyncio.create_task(one(i)) for i in range(200)]
         deadline = time.monotonic() + 120
         while streaming() < 10:
             assert time.monotonic() < deadline, "no stream got going"
             await asyncio.sleep(0.01)
-        decodes = [w for w in backend.fleet.members() if w.name.startswith("decode")]
-        victim = max(decodes, key=lambda w: w.in_flight).name  # the one streaming most
+        # the decode worker with the most live streams (requests in flight also count
+        # those still in prefill, whose loss is a retry, not a migration)
+        on = [streams_on[rid] for rid in live()]
+        victim = max(set(on), key=on.count)
+        print(f"killing {victim} ({on.count(victim)} of {len(on)} live streams) and prefill-0")
         os.kill(pids[victim], signal.SIGKILL)
         os.kill(pids["prefill-0"], signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
