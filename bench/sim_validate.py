@@ -11,7 +11,10 @@ side by side, with the error of each figure.
     cost model  --cost (bench sim-fit's file): its KV and block sizes
     validate    each workload x mode: a real `splitserve serve` (1 prefill + 1 decode, or 2
                 colocated workers), Poisson arrivals, streamed; then the simulator on the
-                same arrival times and lengths (sim.workload draws them as this does)
+                same arrival times and lengths (sim.workload draws them as this does);
+                `--repeats N`: the real run N times (a fresh server each, the same
+                arrivals), each figure the median of the N, and their spread reported
+                (what this shared machine's noise does to one real run)
     ramp        `--ramp RESULT.json` from `splitserve bench autoscale`: the simulator runs
                 the same phases with the autoscaler on; workers per pool over time side by
                 side (a new worker's start-up time is read off the real run's polls)
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.sim_fit import fit_logged
+from engine.errors import SplitServeError
 from engine.step_log import ENV as STEP_ENV
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
@@ -67,6 +71,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-ms", type=float, default=75.0, help="SLO for goodput")
     p.add_argument("--ramp", type=Path, default=None, help="a `bench autoscale` result JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="real runs per workload and mode; a figure is their median")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "sim_validate.json")
     p.add_argument(
         "--recalibrate",
@@ -162,7 +168,7 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
               f"{costs[mode].hops.router_s:.4f}")  # fmt: skip
     for e in out["runs"]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed)
-        e["real"] = summarize(e["real_rows"], *slo)
+        e["real"], e["real_spread"] = median_summary(e.get("real_rows_runs", [e["real_rows"]]), slo)
         e["sim"] = _sim(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
         e["error"] = errors(e["real"], e["sim"])
     if args.ramp is not None and "disaggregated" in costs:
@@ -173,6 +179,8 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise SplitServeError(f"--repeats must be >= 1, got {args.repeats}")
     base = FittedCost.load(args.cost)
     if args.recalibrate:  # new calibration runs; the saved validation runs are kept
         saved = json.loads(args.out.read_text())
@@ -197,11 +205,12 @@ def run(args: argparse.Namespace) -> int:
         for name in args.workloads:
             w = WORKLOADS[name]
             reqs = requests_of(w, args.seed)
-            rows = _real(mode, reqs, args.seed)
-            real = summarize(rows, *slo)
+            runs = [_real(mode, reqs, args.seed) for _ in range(args.repeats)]
+            real, spread = median_summary(runs, slo)
             res = _sim(cost, mode, reqs, args.seed, args)
             entry = {"workload": name, "mode": mode, **w, "real": real, "sim": res.summary,
-                     "error": errors(real, res.summary), "real_rows": rows}  # fmt: skip
+                     "error": errors(real, res.summary), "real_spread": spread,
+                     "real_rows": runs[0], "real_rows_runs": runs}  # fmt: skip
             out["runs"].append(entry)
             print(format_row(entry), flush=True)
             _write(args.out, out)
@@ -210,6 +219,18 @@ def run(args: argparse.Namespace) -> int:
 
         out["ramp"] = compare_ramp(fitted.get("disaggregated", base), args.ramp)
     return _report(args, out)
+
+
+def median_summary(runs: list[list[dict]], slo: tuple[float, float]) -> tuple[dict, dict]:
+    """Each figure's median over the real runs, and its spread: (max - min) / median."""
+    sums = [summarize(rows, *slo) for rows in runs]
+    real, spread = dict(sums[0]), {}
+    for k in real:
+        vals = [v[k] for v in sums if v.get(k) is not None]
+        if vals and isinstance(real[k], int | float):
+            real[k] = statistics.median(vals)
+            spread[k] = (max(vals) - min(vals)) / real[k] if real[k] else None
+    return real, spread
 
 
 def _report(args: argparse.Namespace, out: dict[str, Any]) -> int:
@@ -241,6 +262,11 @@ def _cell(real: Any, sim: Any, err: Any, key: str) -> str:
 
 def format_row(e: dict) -> str:
     cells = [_cell(e["real"].get(k), e["sim"].get(k), e["error"].get(k), k) for k, _ in KEYS]
+    runs = len(e.get("real_rows_runs", [None]))
+    spread = e.get("real_spread") or {}
+    if runs > 1:  # the real runs' own spread, figure by figure
+        cells = [f"{c}, spread {100 * spread[k]:.0f}%" if spread.get(k) is not None else c
+                 for c, (k, _) in zip(cells, KEYS, strict=True)]  # fmt: skip
     return f"| {e['workload']} | {e['mode']} | " + " | ".join(cells) + " |"
 
 
