@@ -61,6 +61,7 @@ class _Layer:
         self.bytes = payload_view(kv_cache[layer])
         self.ids = ids
         self._index: torch.Tensor | None = None
+        self.kernels = cpu_kernels.load()  # None: copy, then sum
 
     def slices(self, data: memoryview) -> list[tuple[int, range, memoryview]]:
         """(half, positions, their piece of `data`) per slice, in payload order."""
@@ -75,7 +76,7 @@ class _Layer:
     def copy(self, h: int, run: range, piece: memoryview, into_cache: bool, crc: int) -> int:
         """Copy the blocks at `run` of half `h` into `piece`, or `piece` into them, and
         return `crc` carried over piece's bytes."""
-        kernels = cpu_kernels.load()
+        kernels = self.kernels
         if _consecutive(self.ids, run):
             start = (h * self.blocks + self.ids[run.start]) * self.half
             cache = self.bytes[start : start + piece.nbytes]

@@ -4,7 +4,7 @@
         ──> a batch of deltas per engine step ──> the queue of each delta's request
     the stream fails (actor died or unreachable) ──> every waiting request gets WorkerLost
         (and moves on: request_life migrates it); the next request starts a new stream
-    a new stream ──its first (empty) batch: the worker's listener is in place──> `connected`:
+    a new stream ──its first (empty) batch: the worker's listener is in place──> `attach`:
         a request waits for it before anything can make its deltas (an older stream, one a
         closed event loop started, would otherwise take them into a reader that is gone)
 
@@ -49,17 +49,20 @@ class WorkerOutputs:
         self._queues[request_id] = queue
         return queue
 
-    async def connected(self, timeout_s: float) -> None:
-        """Return once the worker streams to this pump (at once after the first time);
-        a stream that fails first has already told every queue (WorkerLost)."""
+    async def attach(self, request_id: str, timeout_s: float) -> asyncio.Queue[Item]:
+        """register(), then wait until the worker streams to this pump (at once after the
+        first time): the request may then send what makes its deltas. A stream that fails
+        first raises WorkerLost (and has told every queue)."""
+        queue = self.register(request_id)
         connected, pump = self._connected, self._pump
-        assert connected is not None and pump is not None, "register first"
+        assert connected is not None and pump is not None
         try:
             await asyncio.wait_for(connected.wait(), timeout_s)
         except TimeoutError:
             raise WorkerLost(self.worker, f"output stream not open in {timeout_s:g} s") from None
         if pump.done():  # it failed before or right after it opened
             raise pump.result()
+        return queue
 
     def unregister(self, request_id: str) -> None:
         self._queues.pop(request_id, None)

@@ -158,9 +158,7 @@ class RequestLife:
         fleet.enter(worker)
         self.trace.engine = worker.name
         self.phase = Phase.STREAMING
-        outputs = outputs_of(worker)
-        queue = outputs.register(self.attempt_rid)
-        await outputs.connected(self.router.reserve_timeout_s)
+        queue = await outputs_of(worker).attach(self.attempt_rid, self.router.reserve_timeout_s)
         try:
             await worker.actor.submit.remote(self.attempt_rid, ids, params)
         except ray.exceptions.RayActorError as exc:
@@ -170,9 +168,8 @@ class RequestLife:
 
     async def _split(self, ids: list[int], params: SamplingParams, avoid: set[str]):
         decode, ticket = await reserve(self, ids, params, avoid)
-        outputs = outputs_of(decode)
-        queue = outputs.register(self.attempt_rid)  # no await since reserve
-        await outputs.connected(self.router.reserve_timeout_s)  # before D can make a delta
+        # registered with no await since reserve; the stream open before D can make a delta
+        queue = await outputs_of(decode).attach(self.attempt_rid, self.router.reserve_timeout_s)
         prefill = await self._pick_prefill(ids, avoid)
         self.phase = Phase.PREFILLING
         leases = self.router.leases

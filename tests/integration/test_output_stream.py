@@ -9,7 +9,6 @@ import asyncio
 import threading
 import time
 
-import pytest
 import ray
 
 from decode_worker.outbox import Outbox
@@ -45,8 +44,7 @@ class Emitter:
 
 async def _request(worker: Worker, rid: str, n: int) -> list[int]:
     outputs = outputs_of(worker)
-    queue = outputs.register(rid)
-    await outputs.connected(30)
+    queue = await outputs.attach(rid, 30)
     emitted = worker.actor.emit.remote(rid, n)
     time.sleep(0.1)  # the router's loop busy: the worker is making deltas before it reads
     await emitted
@@ -60,11 +58,10 @@ async def _request(worker: Worker, rid: str, n: int) -> list[int]:
             return tokens
 
 
-@pytest.mark.parametrize("loops", [3])
-def test_a_stream_reopened_from_a_new_loop_loses_no_delta(ray_session, loops):
+def test_a_stream_reopened_from_a_new_loop_loses_no_delta(ray_session):
     worker = Worker("decode-x", Role.DECODE, Emitter.remote())
     try:
-        for loop in range(loops):  # each asyncio.run is a new loop, and a new stream
+        for loop in range(3):  # each asyncio.run is a new loop, and a new stream
             got = asyncio.run(_request(worker, f"r{loop}", 20))
             assert got == list(range(20)), f"loop {loop}: {got}"
     finally:
