@@ -8,7 +8,8 @@ side by side, with the error of each figure.
                 hooks; the fixed cost per request outside the steps (HTTP, Ray calls,
                 loopback) is the median over requests of the real TTFT minus the simulated
                 one with no such cost: the simulated router_s for that mode
-    cost model  --cost (bench sim-fit's file): its KV and block sizes
+    cost model  --cost (bench sim-fit's file): its KV and block sizes, and how fast this
+                machine prefills: the loads' rates are scaled to it (bench.sim_loads)
     validate    each workload x mode: a real `splitserve serve` (1 prefill + 1 decode, or 2
                 colocated workers), Poisson arrivals, streamed; then the simulator on the
                 same arrival times and lengths (sim.workload draws them as this does);
@@ -35,30 +36,26 @@ from pathlib import Path
 from typing import Any
 
 from bench.sim_fit import fit_logged
+from bench.sim_loads import (
+    CALIBRATION,
+    MAX_PREFILL_LOAD,
+    WORKLOADS,
+    auto_scale,
+    parse_scale,
+    requests_of,
+)
 from engine.errors import SplitServeError
 from engine.step_log import ENV as STEP_ENV
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
 from sim.report import errors, summarize
 from sim.simulate import SimResult, simulate
-from sim.workload import SimRequest, generate, parse_length, poisson_times
+from sim.workload import SimRequest
 
 RESULTS = Path("bench/results")
 MODES = {
     "disaggregated": ["--prefill", "1", "--decode", "1"],
     "colocated": ["--mode", "colocated", "--prefill", "1", "--decode", "1"],
-}
-# lengths as sim.workload reads them: N, LO-HI (uniform)
-# two phases: many short sequences decoding, then few long ones (so the fit can tell the
-# cost of a sequence from the cost of its context)
-CALIBRATION = [
-    {"prompt": "16-96", "output": "64-256", "rate": 1.5, "seconds": 60},
-    {"prompt": "256-1024", "output": "8-128", "rate": 0.8, "seconds": 60},
-]
-WORKLOADS = {
-    "chat": {"prompt": "256", "output": "64", "rate": 1.5, "seconds": 100},
-    "prefill-heavy": {"prompt": "1024", "output": "16", "rate": 0.7, "seconds": 120},
-    "decode-heavy": {"prompt": "64", "output": "256", "rate": 1.0, "seconds": 100},
 }
 
 
@@ -71,6 +68,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-ms", type=float, default=75.0, help="SLO for goodput")
     p.add_argument("--ramp", type=Path, default=None, help="a `bench autoscale` result JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate-scale", default="auto",
+                   help="every load's rates times this, its durations divided by it; auto: "
+                   "the largest factor <= 1 that keeps a prefill worker at most "
+                   f"{MAX_PREFILL_LOAD:.0%} busy by --cost (bench.sim_loads)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1,
                    help="real runs per workload and mode; a figure is their median")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "sim_validate.json")
@@ -90,18 +91,6 @@ def steps_dir(out: Path, mode: str) -> Path:
     """Where a run's calibration steps are logged: beside its result file, so a second run
     (another --out) does not overwrite what --rescore of the first one reads."""
     return out.with_name(f"{out.stem}_steps_{mode}")
-
-
-def requests_of(w: dict | list[dict], seed: int) -> list[SimRequest]:
-    """A workload's requests (a list: phases one after another, each its own lengths)."""
-    out: list[SimRequest] = []
-    start = 0.0
-    for i, p in enumerate(w if isinstance(w, list) else [w]):
-        times = poisson_times([(p["seconds"], p["rate"])], seed + i)
-        for r in generate(times, parse_length(p["prompt"]), parse_length(p["output"]), seed + i):
-            out.append(SimRequest(start + r.arrival_s, r.prompt_tokens, r.output_tokens))
-        start += p["seconds"]
-    return out
 
 
 def _real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:
@@ -130,7 +119,9 @@ def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[Fi
     fixed cost per request outside the steps."""
     steps = steps_dir(args.out, mode)
     shutil.rmtree(steps, ignore_errors=True)
-    real = _real(mode, requests_of(CALIBRATION, args.seed + 100), args.seed + 100, steps)
+    real = _real(
+        mode, requests_of(CALIBRATION, args.seed + 100, args.scale), args.seed + 100, steps
+    )
     return calibrated(base, mode, real, steps, args)
 
 
@@ -138,7 +129,7 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
                args: argparse.Namespace) -> tuple[FittedCost, dict]:  # fmt: skip
     """The cost model fitted to the logged steps; router_s: the median over the calibration
     requests of the real TTFT minus the simulated one with no cost outside the steps."""
-    reqs = requests_of(CALIBRATION, args.seed + 100)
+    reqs = requests_of(CALIBRATION, args.seed + 100, args.scale)
     hops = dataclasses.replace(base.hops, router_s=0.0, rpc_s=0.0, deliver_s=0.0)
     fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
                               f"serving workers' steps, {mode}, calibration load")  # fmt: skip
@@ -167,7 +158,7 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         print(f"{mode}: host_share {costs[mode].host_share:.3f}, router_s "
               f"{costs[mode].hops.router_s:.4f}")  # fmt: skip
     for e in out["runs"]:
-        reqs = requests_of(WORKLOADS[e["workload"]], args.seed)
+        reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files
         e["real"], e["real_spread"] = median_summary(runs, slo)
         e["sim"] = _sim(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
@@ -182,7 +173,9 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise SplitServeError(f"--repeats must be >= 1, got {args.repeats}")
+    scale = parse_scale(args.rate_scale)  # refused before anything runs
     base = FittedCost.load(args.cost)
+    args.scale = _scale(args, base, scale)
     if args.recalibrate:  # new calibration runs; the saved validation runs are kept
         saved = json.loads(args.out.read_text())
         for mode in args.modes:
@@ -192,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         return _report(args, rescore(args, base))
     slo = (args.ttft_ms / 1000, args.tpot_ms / 1000)
     out: dict[str, Any] = {"cost": str(args.cost), "slo_ms": [args.ttft_ms, args.tpot_ms],
-                           "calibration": {}, "runs": []}  # fmt: skip
+                           "rate_scale": args.scale, "calibration": {}, "runs": []}  # fmt: skip
     fitted: dict[str, FittedCost] = {}
     for mode in args.modes:
         cost, cal = calibrate(base, mode, args)
@@ -205,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for name in args.workloads:
             w = WORKLOADS[name]
-            reqs = requests_of(w, args.seed)
+            reqs = requests_of(w, args.seed, args.scale)
             runs = [_real(mode, reqs, args.seed) for _ in range(args.repeats)]
             real, spread = median_summary(runs, slo)
             res = _sim(cost, mode, reqs, args.seed, args)
@@ -220,6 +213,19 @@ def run(args: argparse.Namespace) -> int:
 
         out["ramp"] = compare_ramp(fitted.get("disaggregated", base), args.ramp)
     return _report(args, out)
+
+
+def _scale(args: argparse.Namespace, base: FittedCost, scale: float | None) -> float:
+    """The rate scale: a saved run's own (--rescore, --recalibrate), else --rate-scale."""
+    if args.rescore or args.recalibrate:
+        return float(json.loads(args.out.read_text()).get("rate_scale", 1.0))
+    scale = scale or auto_scale(base)
+    span = (
+        sum(p["seconds"] for p in CALIBRATION) * len(args.modes)
+        + sum(WORKLOADS[w]["seconds"] for w in args.workloads) * len(args.modes) * args.repeats
+    )
+    print(f"rate scale {scale:.3f}: about {span / scale / 60:.0f} min of arrivals", flush=True)
+    return scale
 
 
 def median_summary(runs: list[list[dict]], slo: tuple[float, float]) -> tuple[dict, dict]:

@@ -1,5 +1,6 @@
 """bench.sim_validate's figures over several real runs: each the median of the runs, with
-their spread; a bad --repeats is a one-line error before anything starts."""
+their spread; the loads scaled to the machine's speed; a bad --repeats or --rate-scale is a
+one-line error before anything starts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 
 import pytest
 
-from bench import sim_validate
+from bench import sim_loads, sim_validate
 from engine.errors import SplitServeError
+from sim.cost import FittedCost
 
 
 def _rows(ttft_s: float, n: int = 20) -> list[dict]:
@@ -32,3 +34,34 @@ def test_repeats_below_one_is_refused_before_any_run():
     sim_validate.add_args(parser)
     with pytest.raises(SplitServeError, match="--repeats must be >= 1"):
         sim_validate.run(parser.parse_args(["--repeats", "0"]))
+
+
+def _cost(per_token_s: float) -> FittedCost:
+    return FittedCost({"fixed": 0.01, "prefill_tokens": per_token_s}, num_blocks=1000)
+
+
+def test_loads_are_scaled_down_on_a_machine_too_slow_for_their_rates():
+    slow = _cost(0.0017)  # a 1,024-token prompt in ~1.8 s: prefill-heavy's 0.7 req/s overloads
+    scale = sim_loads.auto_scale(slow)
+    assert 0 < scale < 1
+    loads = [sim_loads.prefill_load(p, slow) for p in sim_loads.WORKLOADS.values()]
+    assert max(loads) > 1  # unscaled, a queue that only grows
+    assert max(x * scale for x in loads) <= sim_loads.MAX_PREFILL_LOAD + 1e-9
+    assert sim_loads.auto_scale(_cost(0.0001)) == 1.0  # a fast machine: the rates as written
+
+
+def test_a_scaled_load_keeps_its_requests_and_spaces_out_their_arrivals():
+    w = sim_loads.WORKLOADS["chat"]
+    one, quarter = sim_loads.requests_of(w, 0), sim_loads.requests_of(w, 0, 0.25)
+    assert len(one) == len(quarter) > 100
+    assert [r.prompt_tokens for r in one] == [r.prompt_tokens for r in quarter]
+    assert [4 * r.arrival_s for r in one] == pytest.approx([r.arrival_s for r in quarter])
+    assert quarter[-1].arrival_s < w["seconds"] / 0.25
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "11"])
+def test_a_bad_rate_scale_is_refused_before_any_run(bad):
+    parser = argparse.ArgumentParser()
+    sim_validate.add_args(parser)
+    with pytest.raises(SplitServeError, match="--rate-scale must be auto or a number"):
+        sim_validate.run(parser.parse_args(["--rate-scale", bad, "--cost", "/no/such.json"]))
