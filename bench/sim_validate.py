@@ -5,9 +5,10 @@ side by side, with the error of each figure.
                 workloads'): the serving workers log every engine step (SPLITSERVE_STEP_LOG)
                 and the cost model is fitted to those steps (bench.sim_fit), so it carries
                 the workers' threads, their neighbours on the 2 cores and their per-layer KV
-                hooks; the fixed cost per request outside the steps (HTTP, Ray calls,
-                loopback) is the median over requests of the real TTFT minus the simulated
-                one with no such cost: the simulated router_s for that mode
+                hooks; the cost per request outside the steps (HTTP, Ray calls,
+                loopback) is read off the real TTFTs minus the simulated ones with no such
+                cost, apart for requests that arrive with others in flight and without
+                (bench.sim_calibrate)
     cost model  --cost (bench sim-fit's file): its KV and block sizes, and how fast this
                 machine prefills: the loads' rates are scaled to it (bench.sim_loads)
     validate    each workload x mode: a real `splitserve serve` (1 prefill + 1 decode, or 2
@@ -26,16 +27,19 @@ Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import json
-import os
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.sim_fit import fit_logged
+from bench.sim_calibrate import (
+    MODES,
+    calibrate,
+    calibrated,
+    run_real,
+    simulate_mode,
+    steps_dir,
+)
 from bench.sim_loads import (
     CALIBRATION,
     MAX_PREFILL_LOAD,
@@ -45,18 +49,10 @@ from bench.sim_loads import (
     requests_of,
 )
 from engine.errors import SplitServeError
-from engine.step_log import ENV as STEP_ENV
-from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
 from sim.report import errors, summarize
-from sim.simulate import SimResult, simulate
-from sim.workload import SimRequest
 
 RESULTS = Path("bench/results")
-MODES = {
-    "disaggregated": ["--prefill", "1", "--decode", "1"],
-    "colocated": ["--mode", "colocated", "--prefill", "1", "--decode", "1"],
-}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -87,63 +83,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def steps_dir(out: Path, mode: str) -> Path:
-    """Where a run's calibration steps are logged: beside its result file, so a second run
-    (another --out) does not overwrite what --rescore of the first one reads."""
-    return out.with_name(f"{out.stem}_steps_{mode}")
-
-
-def _real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:
-    """`reqs` on a real server in `mode` (after two warm-up requests); the client's records.
-    `steps`: the workers log every engine step there."""
-    from bench.autoscale_bench import drive
-    from bench.server_process import ServerProcess
-
-    env = {**os.environ, **({STEP_ENV: str(steps)} if steps else {})}
-    with ServerProcess(*MODES[mode], env=env) as srv:
-        asyncio.run(drive(srv.base, [SimRequest(0.0, 16, 4), SimRequest(0.1, 16, 4)], seed))
-        if steps is not None:  # the warm-up's steps are not the workload's
-            for f in steps.glob("steps-*.jsonl"):
-                f.write_text("")
-        return asyncio.run(drive(srv.base, reqs, seed))
-
-
-def _sim(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
-         args: argparse.Namespace) -> SimResult:  # fmt: skip
-    cfg = ClusterConfig(mode=mode, prefill=1, decode=1, shared_host=True, seed=seed)
-    return simulate(cost, cfg, reqs, args.ttft_ms / 1000, args.tpot_ms / 1000)
-
-
-def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[FittedCost, dict]:
-    """Fit the cost model to the workers' own steps under the calibration load, then the
-    fixed cost per request outside the steps."""
-    steps = steps_dir(args.out, mode)
-    shutil.rmtree(steps, ignore_errors=True)
-    real = _real(
-        mode, requests_of(CALIBRATION, args.seed + 100, args.scale), args.seed + 100, steps
-    )
-    return calibrated(base, mode, real, steps, args)
-
-
-def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
-               args: argparse.Namespace) -> tuple[FittedCost, dict]:  # fmt: skip
-    """The cost model fitted to the logged steps; router_s: the median over the calibration
-    requests of the real TTFT minus the simulated one with no cost outside the steps."""
-    reqs = requests_of(CALIBRATION, args.seed + 100, args.scale)
-    hops = dataclasses.replace(base.hops, router_s=0.0, rpc_s=0.0, deliver_s=0.0)
-    fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
-                              f"serving workers' steps, {mode}, calibration load")  # fmt: skip
-    sim = _sim(fitted, mode, reqs, args.seed + 100, args)
-    gaps = [r["ttft_s"] - s.ttft_s for r, s in zip(real, sim.records, strict=True)
-            if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
-    fixed = max(0.0, statistics.median(gaps))
-    tuned = dataclasses.replace(fitted, hops=dataclasses.replace(hops, router_s=fixed))
-    errs = [tuned.step_s(*f) / dt - 1 for f, dt in rows]
-    return tuned, {"router_s": fixed, "coef": tuned.coef, "host_share": tuned.host_share,
-                   "steps": len(rows), "step_fit_error_median":
-                   statistics.median(abs(e) for e in errs), "real_rows": real}  # fmt: skip
-
-
 def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
     """The saved real records and calibrations, simulated again (after a change to the
     simulator, or for another SLO)."""
@@ -155,13 +94,14 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         costs[mode], out["calibration"][mode] = calibrated(
             base, mode, cal["real_rows"], steps_dir(args.out, mode), args
         )
+        hops = costs[mode].hops
         print(f"{mode}: host_share {costs[mode].host_share:.3f}, router_s "
-              f"{costs[mode].hops.router_s:.4f}")  # fmt: skip
+              f"{hops.router_s:.4f}, busy {hops.routing_s(True):.4f}")  # fmt: skip
     for e in out["runs"]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files
         e["real"], e["real_spread"] = median_summary(runs, slo)
-        e["sim"] = _sim(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
+        e["sim"] = simulate_mode(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
         e["error"] = errors(e["real"], e["sim"])
     if args.ramp is not None and "disaggregated" in costs:
         from bench.sim_ramp import compare_ramp
@@ -192,16 +132,17 @@ def run(args: argparse.Namespace) -> int:
         fitted[mode] = cost
         out["calibration"][mode] = cal
         print(
-            f"{mode}: calibration router_s {cal['router_s']:.4f}, {cal['steps']} steps, "
+            f"{mode}: calibration router_s {cal['router_s']:.4f}, busy "
+            f"{cal['router_busy_s']:.4f}, {cal['steps']} steps, "
             f"fit error median {100 * cal['step_fit_error_median']:.1f}%",
             flush=True,
         )
         for name in args.workloads:
             w = WORKLOADS[name]
             reqs = requests_of(w, args.seed, args.scale)
-            runs = [_real(mode, reqs, args.seed) for _ in range(args.repeats)]
+            runs = [run_real(mode, reqs, args.seed) for _ in range(args.repeats)]
             real, spread = median_summary(runs, slo)
-            res = _sim(cost, mode, reqs, args.seed, args)
+            res = simulate_mode(cost, mode, reqs, args.seed, args)
             entry = {"workload": name, "mode": mode, **w, "real": real, "sim": res.summary,
                      "error": errors(real, res.summary), "real_spread": spread,
                      "real_rows_runs": runs}  # fmt: skip

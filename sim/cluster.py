@@ -1,9 +1,11 @@
 """The simulated cluster: the router's request path over simulated workers, on a virtual clock.
 
 disaggregated (router.request_life, router.reserve):
-    arrive ──router_s──> admission (router.admission) ──> reserve KV on a decode worker in
-    routing.decode_order (scheduler.reserve_remote); none has room: the line, first come
-    first served, retried with the router's back-off until reserve_timeout_s (then 429)
+    arrive ──router_s (router_busy_s with others in flight)──> admission (router.admission) ──> reserve KV on a decode worker in
+    routing.decode_order (scheduler.reserve_remote, answered when that worker's step in
+    flight ends: its engine thread takes commands between steps); none has room: the
+    line, first come first served, retried with the router's back-off until
+    reserve_timeout_s (then 429)
     ──> prefill worker by routing.pick_prefill ──rpc_s──> its scheduler (prefill-only)
     ──last chunk──> KV tail ──> decode worker: first token appended, scheduler.kv_landed;
     the first token reaches the client rpc_s + deliver_s later (TTFT)
@@ -146,7 +148,7 @@ class Cluster:
         self.records.append(rec)
         for fn in self.on_arrival:
             fn(now)
-        self.at(now + self.hops.router_s, self._admit, rec)
+        self.at(now + self.hops.routing_s(self.held > 0), self._admit, rec)
 
     def _admit(self, now: float, rec: Record) -> None:
         colocated = self.config.mode == "colocated"
@@ -205,7 +207,8 @@ class Cluster:
             w.known_free = w.free_at(now)  # the ticket's free blocks
             w.in_flight += 1
             rec.decode, rec.seq = w, seq
-            t = now + tries * self.hops.rpc_s
+            # the reservation runs on its engine thread between two steps (decode_worker)
+            t = w.step_end(now) + tries * self.hops.rpc_s
             rec.reservation_s = t - (now if rec.routed_s is None else rec.routed_s)
             self.at(t, self._to_prefill, rec)
             return True

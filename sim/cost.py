@@ -46,12 +46,19 @@ class CostModel(Protocol):
 @dataclass(frozen=True, slots=True)
 class Hops:
     router_s: float = 0.002  # arrival at the router to routed (HTTP, tokenize, admission)
+    # the same while other requests are in flight (their tokens streaming through the router
+    # and, on one host, the client); None: router_s either way
+    router_busy_s: float | None = None
     rpc_s: float = 0.001  # one call from the router to a worker and its answer
     deliver_s: float = 0.001  # a token from the worker's step to the client
     kv_fixed_s: float = 0.001  # after the last layer: done + ack between P and D
     kv_bytes_per_s: float = 25e9  # P to D link
     kv_bytes_per_token: int = 0  # 0: KV transfer costs only kv_fixed_s
     worker_start_s: float = 30.0  # a new worker: placed, model loaded, profiled, active
+
+    def routing_s(self, busy: bool) -> float:
+        """Arrival to routed, with or without other requests in flight."""
+        return self.router_busy_s if busy and self.router_busy_s is not None else self.router_s
 
     def kv_tail_s(self, prompt_tokens: int, layers: int = 1) -> float:
         """KV pages stream layer by layer during prefill: what is left after the last layer

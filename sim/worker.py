@@ -204,6 +204,15 @@ class SimWorker:
         j = min(run.steps, run.steps_done_by(now - run.start) + 1)
         return self.free_blocks - self._blocks_for(run.out, j)
 
+    def step_end(self, now: float) -> float:
+        """When the step in flight ends (`now` when idle): a command to the engine thread,
+        such as a KV reservation, runs between two steps."""
+        run = self.run
+        if run is None:
+            return now
+        j = min(run.steps, run.steps_done_by(now - run.start) + 1)
+        return run.start + run.end(j)
+
     def room_for(self, blocks: int) -> bool:
         """Whether `blocks` more can be taken now without the run in flight running short
         (else: cut the run to the step in flight first, as `interrupt`)."""

@@ -97,6 +97,28 @@ def test_ttft_is_the_sum_of_the_hops_at_no_load():
     assert rec.tpot_s == pytest.approx((decode - 0.002) / 4)
 
 
+def test_a_reservation_waits_for_the_decode_workers_step_in_flight():
+    """decode_worker's reserve runs on its engine thread between two steps: a prompt that
+    arrives while its decode worker steps starts its prefill when that step ends."""
+    c = cost()
+    _, [_, busy] = run(ClusterConfig(), [SimRequest(0.0, 16, 2000), SimRequest(1.0, 64, 4)], c)
+    _, [alone] = run(ClusterConfig(), [SimRequest(1.0, 64, 4)], c)
+    assert alone.reservation_s == pytest.approx(c.hops.rpc_s)  # idle: one try, at once
+    step = c.step_s(0, 0, 1, 16 + 2000)  # the longest decode step the first request takes
+    assert c.hops.rpc_s < busy.reservation_s <= c.hops.rpc_s + step
+    # the prefill worker is idle in both: the wait is all the difference in TTFT
+    assert busy.ttft_s - alone.ttft_s == pytest.approx(busy.reservation_s - alone.reservation_s)
+
+
+def test_a_request_arriving_with_others_in_flight_takes_router_busy_s():
+    c = cost(router_s=0.001, router_busy_s=0.030)
+    _, [first, second] = run(ClusterConfig(), [SimRequest(0.0, 16, 500), SimRequest(1.0, 16, 4)], c)
+    assert first.routed_s == pytest.approx(0.001)  # nothing in flight
+    assert second.routed_s == pytest.approx(1.030)  # the first still decoding
+    _, [alone] = run(ClusterConfig(), [SimRequest(1.0, 16, 4)], cost(router_s=0.001))
+    assert alone.routed_s == pytest.approx(1.001)  # router_busy_s unset: router_s either way
+
+
 def test_the_routing_policy_decides_where_requests_go(monkeypatch):
     """router.routing's decode order, as the router runs it: most free KV first, a stream in
     flight counting against a worker. Make it prefer busy workers and the simulated TPOT

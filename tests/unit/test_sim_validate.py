@@ -1,6 +1,7 @@
 """bench.sim_validate's figures over several real runs: each the median of the runs, with
-their spread; the loads scaled to the machine's speed; a bad --repeats or --rate-scale is a
-one-line error before anything starts."""
+their spread; the loads scaled to the machine's speed; the cost outside the steps fitted
+apart for idle and busy arrivals; a bad --repeats or --rate-scale is a one-line error
+before anything starts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 
 import pytest
 
-from bench import sim_loads, sim_validate
+from bench import sim_calibrate, sim_loads, sim_validate
 from engine.errors import SplitServeError
 from sim.cost import FittedCost
 
@@ -65,3 +66,11 @@ def test_a_bad_rate_scale_is_refused_before_any_run(bad):
     sim_validate.add_args(parser)
     with pytest.raises(SplitServeError, match="--rate-scale must be auto or a number"):
         sim_validate.run(parser.parse_args(["--rate-scale", bad, "--cost", "/no/such.json"]))
+
+
+def test_the_cost_outside_the_steps_is_fitted_apart_for_idle_and_busy_arrivals():
+    gaps = [(0.001, False)] * 12 + [(0.020, True)] * 15
+    assert sim_calibrate.fixed_costs(gaps) == pytest.approx((0.001, 0.020))
+    few_idle = [(0.001, False)] * 3 + [(0.020, True)] * 15  # too few to tell: the median
+    assert sim_calibrate.fixed_costs(few_idle) == pytest.approx((0.020, 0.020))
+    assert sim_calibrate.fixed_costs([(-0.01, False)] * 12 + [(0.02, True)] * 12)[0] == 0.0

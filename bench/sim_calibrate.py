@@ -1,0 +1,112 @@
+"""The calibration behind `bench sim-validate`: per serving mode, a load (bench.sim_loads)
+on a real server whose workers log every engine step; the cost model fitted to those steps
+(bench.sim_fit), and the cost per request outside the steps read off the gap between the
+real TTFTs and the simulated ones with no such cost:
+
+    router_s       the median gap of the requests that arrived with nothing in flight
+    router_busy_s  the median gap of the rest: while other requests' tokens stream through
+                   the router and the client on the same two cores, a new one waits longer
+                   (on this machine's calibration, ~0 ms against ~20 ms for short prompts)
+
+Each is the median of all the gaps when fewer than MIN_SPLIT requests are on its side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+from bench.sim_fit import fit_logged
+from bench.sim_loads import CALIBRATION, requests_of
+from engine.step_log import ENV as STEP_ENV
+from sim.cluster import ClusterConfig, Record
+from sim.cost import FittedCost
+from sim.simulate import SimResult, simulate
+from sim.workload import SimRequest
+
+MODES = {
+    "disaggregated": ["--prefill", "1", "--decode", "1"],
+    "colocated": ["--mode", "colocated", "--prefill", "1", "--decode", "1"],
+}
+MIN_SPLIT = 10  # requests on each side before the idle and busy costs are told apart
+
+
+def steps_dir(out: Path, mode: str) -> Path:
+    """Where a run's calibration steps are logged: beside its result file, so a second run
+    (another --out) does not overwrite what --rescore of the first one reads."""
+    return out.with_name(f"{out.stem}_steps_{mode}")
+
+
+def run_real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:
+    """`reqs` on a real server in `mode` (after two warm-up requests); the client's records.
+    `steps`: the workers log every engine step there."""
+    from bench.autoscale_bench import drive
+    from bench.server_process import ServerProcess
+
+    env = {**os.environ, **({STEP_ENV: str(steps)} if steps else {})}
+    with ServerProcess(*MODES[mode], env=env) as srv:
+        asyncio.run(drive(srv.base, [SimRequest(0.0, 16, 4), SimRequest(0.1, 16, 4)], seed))
+        if steps is not None:  # the warm-up's steps are not the workload's
+            for f in steps.glob("steps-*.jsonl"):
+                f.write_text("")
+        return asyncio.run(drive(srv.base, reqs, seed))
+
+
+def simulate_mode(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
+         args: argparse.Namespace) -> SimResult:  # fmt: skip
+    cfg = ClusterConfig(mode=mode, prefill=1, decode=1, shared_host=True, seed=seed)
+    return simulate(cost, cfg, reqs, args.ttft_ms / 1000, args.tpot_ms / 1000)
+
+
+def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[FittedCost, dict]:
+    """Fit the cost model to the workers' own steps under the calibration load, then the
+    fixed cost per request outside the steps."""
+    steps = steps_dir(args.out, mode)
+    shutil.rmtree(steps, ignore_errors=True)
+    real = run_real(
+        mode, requests_of(CALIBRATION, args.seed + 100, args.scale), args.seed + 100, steps
+    )
+    return calibrated(base, mode, real, steps, args)
+
+
+def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
+               args: argparse.Namespace) -> tuple[FittedCost, dict]:  # fmt: skip
+    """The cost model fitted to the logged steps, with router_s and router_busy_s read off
+    the calibration requests' TTFT: real minus simulated with no cost outside the steps."""
+    reqs = requests_of(CALIBRATION, args.seed + 100, args.scale)
+    hops = dataclasses.replace(
+        base.hops, router_s=0.0, router_busy_s=None, rpc_s=0.0, deliver_s=0.0
+    )
+    fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
+                              f"serving workers' steps, {mode}, calibration load")  # fmt: skip
+    sim = simulate_mode(fitted, mode, reqs, args.seed + 100, args)
+    gaps = [(r["ttft_s"] - s.ttft_s, in_flight_at(s.arrival_s, sim.records))
+            for r, s in zip(real, sim.records, strict=True)
+            if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
+    idle, busy = fixed_costs(gaps)
+    hops = dataclasses.replace(hops, router_s=idle, router_busy_s=busy)
+    tuned = dataclasses.replace(fitted, hops=hops)
+    errs = [tuned.step_s(*f) / dt - 1 for f, dt in rows]
+    return tuned, {"router_s": idle, "router_busy_s": busy, "coef": tuned.coef,
+                   "host_share": tuned.host_share, "steps": len(rows),
+                   "step_fit_error_median": statistics.median(abs(e) for e in errs),
+                   "real_rows": real}  # fmt: skip
+
+
+def in_flight_at(t: float, records: list[Record]) -> bool:
+    """Whether another request was in flight (arrived, not ended) at `t`."""
+    return any(r.arrival_s < t and r.end_s is not None and r.end_s > t for r in records)
+
+
+def fixed_costs(gaps: list[tuple[float, bool]]) -> tuple[float, float]:
+    """(router_s, router_busy_s) from (gap, arrived while others were in flight) pairs."""
+    overall = max(0.0, statistics.median(g for g, _ in gaps))
+    sides = ([g for g, busy in gaps if busy is side] for side in (False, True))
+    idle, busy = (max(0.0, statistics.median(s)) if len(s) >= MIN_SPLIT else overall
+                  for s in sides)  # fmt: skip
+    return idle, busy
