@@ -4,9 +4,13 @@ on a real server whose workers log every engine step; the cost model fitted to t
 real TTFTs and the simulated ones with no such cost:
 
     router_s       the median gap of the requests that arrived with nothing in flight
-    router_busy_s  the median gap of the rest: while other requests' tokens stream through
-                   the router and the client on the same two cores, a new one waits longer
-                   (on this machine's calibration, ~0 ms against ~20 ms for short prompts)
+    router_busy_s  the median gap of the rest. Disaggregated, with others in flight the one
+                   decode worker is stepping, and a new prompt's calls to it (the
+                   reservation, the KV's done) wait on its busy process beyond the step
+                   boundary the simulator already models: short prompts were ~1 ms off when
+                   it was idle and ~21 ms when it stepped (2026-12-07's calibration).
+                   Colocated showed no such effect (the router sends a prompt to the less
+                   busy worker); there the split only follows which prompts arrive idle.
 
 Each is the median of all the gaps when fewer than MIN_SPLIT requests are on its side.
 """
