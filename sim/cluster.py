@@ -1,11 +1,11 @@
 """The simulated cluster: the router's request path over simulated workers, on a virtual clock.
 
 disaggregated (router.request_life, router.reserve):
-    arrive ──router_s (router_busy_s with others in flight)──> admission (router.admission) ──> reserve KV on a decode worker in
-    routing.decode_order (scheduler.reserve_remote, answered when that worker's step in
-    flight ends: its engine thread takes commands between steps); none has room: the
-    line, first come first served, retried with the router's back-off until
-    reserve_timeout_s (then 429)
+    arrive ──router_s (router_busy_s with others in flight)──> admission (router.admission)
+    ──> reserve KV on a decode worker in routing.decode_order (scheduler.reserve_remote,
+    answered when that worker's step in flight ends: its engine thread takes commands
+    between steps); none has room: the line, first come first served, retried with the
+    router's back-off until reserve_timeout_s (then 429)
     ──> prefill worker by routing.pick_prefill ──rpc_s──> its scheduler (prefill-only)
     ──last chunk──> KV tail ──> decode worker: first token appended, scheduler.kv_landed;
     the first token reaches the client rpc_s + deliver_s later (TTFT)
