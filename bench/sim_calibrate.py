@@ -3,7 +3,8 @@ on a real server whose workers log every engine step; the cost model fitted to t
 (bench.sim_fit), and the cost per request outside the steps read off the gap between the
 real TTFTs and the simulated ones with no such cost:
 
-    router_s       the median gap of the requests that arrived with nothing in flight
+    router_s       the median gap of the requests that arrived with nothing in flight (as
+                   the simulator saw it: Record.busy, what it then uses)
     router_busy_s  the median gap of the rest. Disaggregated, with others in flight the one
                    decode worker is stepping, and a new prompt's calls to it (the
                    reservation, the KV's done) wait on its busy process beyond the step
@@ -28,7 +29,7 @@ from pathlib import Path
 from bench.sim_fit import fit_logged
 from bench.sim_loads import CALIBRATION, requests_of
 from engine.step_log import ENV as STEP_ENV
-from sim.cluster import ClusterConfig, Record
+from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
 from sim.simulate import SimResult, simulate
 from sim.workload import SimRequest
@@ -89,7 +90,7 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
     fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
                               f"serving workers' steps, {mode}, calibration load")  # fmt: skip
     sim = simulate_mode(fitted, mode, reqs, args.seed + 100, args)
-    gaps = [(r["ttft_s"] - s.ttft_s, in_flight_at(s.arrival_s, sim.records))
+    gaps = [(r["ttft_s"] - s.ttft_s, s.busy)
             for r, s in zip(real, sim.records, strict=True)
             if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
     idle, busy = fixed_costs(gaps)
@@ -100,11 +101,6 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
                    "host_share": tuned.host_share, "steps": len(rows),
                    "step_fit_error_median": statistics.median(abs(e) for e in errs),
                    "real_rows": real}  # fmt: skip
-
-
-def in_flight_at(t: float, records: list[Record]) -> bool:
-    """Whether another request was in flight (arrived, not ended) at `t`."""
-    return any(r.arrival_s < t and r.end_s is not None and r.end_s > t for r in records)
 
 
 def fixed_costs(gaps: list[tuple[float, bool]]) -> tuple[float, float]:

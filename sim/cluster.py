@@ -148,7 +148,8 @@ class Cluster:
         self.records.append(rec)
         for fn in self.on_arrival:
             fn(now)
-        self.at(now + self.hops.routing_s(self.held > 0), self._admit, rec)
+        rec.busy = self.held > 0
+        self.at(now + self.hops.routing_s(rec.busy), self._admit, rec)
 
     def _admit(self, now: float, rec: Record) -> None:
         colocated = self.config.mode == "colocated"

@@ -46,8 +46,8 @@ class CostModel(Protocol):
 @dataclass(frozen=True, slots=True)
 class Hops:
     router_s: float = 0.002  # arrival at the router to routed (HTTP, tokenize, admission)
-    # the same while other requests are in flight (their tokens streaming through the router
-    # and, on one host, the client); None: router_s either way
+    # the same while other requests are in flight (a busy worker answers the router's calls
+    # later; bench.sim_calibrate); None: router_s either way
     router_busy_s: float | None = None
     rpc_s: float = 0.001  # one call from the router to a worker and its answer
     deliver_s: float = 0.001  # a token from the worker's step to the client

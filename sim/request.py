@@ -46,6 +46,7 @@ class Record:
     routed_s: float | None = None  # first tried for KV room
     head_since: float | None = None  # at the head of the line (its deadline runs from here)
     backoff: float = 0.01
+    busy: bool = False  # others were in flight as it arrived (router_busy_s)
 
     @property
     def ttft_s(self) -> float | None:

@@ -73,6 +73,10 @@ class _Run:
         slope = (self.last_s - self.first_s) / (self.steps - 1)
         return j * self.first_s + slope * j * (j - 1) / 2
 
+    def in_flight(self, now: float) -> int:
+        """The step (1-based) running at `now`: the steps before it have ended."""
+        return min(self.steps, self.steps_done_by(now - self.start) + 1)
+
     def steps_done_by(self, elapsed: float) -> int:
         lo, hi = 0, self.steps
         while lo < hi:
@@ -136,7 +140,7 @@ class SimWorker:
         run = self.run
         if run is None or run.steps == 1:
             return
-        j = min(run.steps, run.steps_done_by(now - run.start) + 1)
+        j = run.in_flight(now)
         if j < run.steps:
             self._version += 1
             slope = (run.last_s - run.first_s) / (run.steps - 1)
@@ -201,7 +205,7 @@ class SimWorker:
         run = self.run
         if run is None or not run.need:
             return self.free_blocks
-        j = min(run.steps, run.steps_done_by(now - run.start) + 1)
+        j = run.in_flight(now)
         return self.free_blocks - self._blocks_for(run.out, j)
 
     def step_end(self, now: float) -> float:
@@ -210,8 +214,7 @@ class SimWorker:
         run = self.run
         if run is None:
             return now
-        j = min(run.steps, run.steps_done_by(now - run.start) + 1)
-        return run.start + run.end(j)
+        return run.start + run.end(run.in_flight(now))
 
     def room_for(self, blocks: int) -> bool:
         """Whether `blocks` more can be taken now without the run in flight running short
