@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 from bench.sim_fit import fit_logged
-from bench.sim_loads import CALIBRATION, requests_of
+from bench.sim_loads import calibration_load, requests_of
 from engine.step_log import ENV as STEP_ENV
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
@@ -73,17 +73,17 @@ def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[Fi
     fixed cost per request outside the steps."""
     steps = steps_dir(args.out, mode)
     shutil.rmtree(steps, ignore_errors=True)
-    real = run_real(
-        mode, requests_of(CALIBRATION, args.seed + 100, args.scale), args.seed + 100, steps
-    )
-    return calibrated(base, mode, real, steps, args)
+    load = calibration_load(base)
+    real = run_real(mode, requests_of(load, args.seed + 100, args.scale), args.seed + 100, steps)
+    return calibrated(base, mode, real, steps, args, load)
 
 
 def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
-               args: argparse.Namespace) -> tuple[FittedCost, dict]:  # fmt: skip
+               args: argparse.Namespace, load: list[dict]) -> tuple[FittedCost, dict]:  # fmt: skip
     """The cost model fitted to the logged steps, with router_s and router_busy_s read off
-    the calibration requests' TTFT: real minus simulated with no cost outside the steps."""
-    reqs = requests_of(CALIBRATION, args.seed + 100, args.scale)
+    the calibration requests' TTFT: real minus simulated with no cost outside the steps.
+    `load`: the calibration phases the real run was offered (saved with it)."""
+    reqs = requests_of(load, args.seed + 100, args.scale)
     hops = dataclasses.replace(
         base.hops, router_s=0.0, router_busy_s=None, rpc_s=0.0, deliver_s=0.0
     )
@@ -98,6 +98,7 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
     tuned = dataclasses.replace(fitted, hops=hops)
     errs = [tuned.step_s(*f) / dt - 1 for f, dt in rows]
     return tuned, {"router_s": idle, "router_busy_s": busy, "coef": tuned.coef,
+                   "decode_knee": tuned.decode_knee, "load": load,
                    "host_share": tuned.host_share, "steps": len(rows),
                    "step_fit_error_median": statistics.median(abs(e) for e in errs),
                    "real_rows": real}  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 
 from engine.engine_config import EngineConfig
 from engine.sampling_params import SamplingParams
-from sim.cost import FittedCost, Hops, features, fit
+from sim.cost import FittedCost, Hops, fit_knee
 
 RESULTS = Path("bench/results")
 PREFILL = (32, 128, 256, 512, 1024, 2048)
@@ -218,26 +218,28 @@ def logged_steps(directory: Path) -> list[tuple[tuple, float, float]]:
     return rows
 
 
-def fit_with_contention(rows: list[tuple[tuple, float, float]]) -> tuple[dict[str, float], float]:
-    """Coefficients and host_share: a step takes base(features) x (1 + (share - 1) x overlap),
-    fitted by turns (the base on times with the contention taken out, then the share as the
-    median slowdown of the steps that overlapped most)."""
+def fit_with_contention(rows: list[tuple[tuple, float, float]]) -> tuple[FittedCost, float]:
+    """The base cost (coefficients and decode knee) and host_share: a step takes
+    base(features) x (1 + (share - 1) x overlap), fitted by turns (the base on times with
+    the contention taken out, then the share as the median slowdown of the steps that
+    overlapped most)."""
     share = 1.0
-    coef: dict[str, float] = {}
+    base = FittedCost({}, 1)
     for _ in range(4):
-        coef = fit([(features(*f), dt / (1 + (share - 1) * ov)) for f, dt, ov in rows])
-        base = FittedCost(coef, 1)
+        coef, knee = fit_knee([(f, dt / (1 + (share - 1) * ov)) for f, dt, ov in rows])
+        base = FittedCost(coef, 1, decode_knee=knee)
         ratios = [dt / base.step_s(*f) for f, dt, ov in rows if ov > 0.8]
         if len(ratios) < 10:
             break
         share = max(1.0, statistics.median(ratios))
-    return coef, share
+    return base, share
 
 
 def fit_logged(directory: Path, base: FittedCost, source: str) -> tuple[FittedCost, list]:
     rows = logged_steps(directory)
-    coef, share = fit_with_contention(rows)
-    cost = dataclasses.replace(base, coef=coef, host_share=share, source=source)
+    fitted, share = fit_with_contention(rows)
+    cost = dataclasses.replace(base, coef=fitted.coef, decode_knee=fitted.decode_knee,
+                               host_share=share, source=source)  # fmt: skip
     return cost, [(f, dt) for f, dt, ov in rows]
 
 
@@ -250,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         saved = json.loads(args.out.read_text())
         steps = [(tuple(r["features"]), r["step_s"]) for r in saved["rows"]]
         cost = FittedCost.load(args.out)
-        cost.coef = fit([(features(*f), dt) for f, dt in steps])
+        cost.coef, cost.decode_knee = fit_knee(steps)
         return _write(args, cost, steps)
     probe = _Probe(_engine(args))
     eng = probe.engine
@@ -258,11 +260,11 @@ def run(args: argparse.Namespace) -> int:
     for rid in list(eng._requests):
         eng.abort(rid)
     measure(probe, args.repeats)
-    coef = fit([(features(*f), dt) for f, dt in probe.rows])
+    coef, knee = fit_knee(probe.rows)
     # measured below 1 (noise: the other process did not slow this one) counts as 1
     share = 1.0 if args.no_contention else max(1.0, _contention(args, probe))
     cost = FittedCost(coef, eng.scheduler.config.num_blocks, eng.config.block_size,
-                      eng.model_config.num_layers, Hops(), host_share=share,
+                      eng.model_config.num_layers, Hops(), host_share=share, decode_knee=knee,
                       source=f"bench sim-fit: {args.model} {eng.config.dtype}, "
                       f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
     return _write(args, cost, probe.rows)

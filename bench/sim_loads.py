@@ -33,6 +33,12 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "decode-heavy": {"prompt": "64", "output": "256", "rate": 1.0, "seconds": 100},
 }
 MAX_PREFILL_LOAD = 0.3  # the busiest a load keeps one prefill worker, by the cost model
+# The calibration's last phase, sized to the machine instead of scaled: short prompts at the
+# rate that keeps about DECODE_STREAMS sequences decoding on the one decode worker, by the
+# cost model. The first two phases never held more than 6 (2026-12-07); the step fit then
+# put no cost on a sequence and the simulator missed an overloaded ramp's collapse.
+DECODE_PHASE: dict[str, Any] = {"prompt": "16-64", "output": "64-192", "seconds": 60}
+DECODE_STREAMS = 24
 
 
 def mean_prompt(text: str) -> float:
@@ -66,14 +72,25 @@ def parse_scale(text: str) -> float | None:
     return scale
 
 
+def calibration_load(cost: CostModel) -> list[dict[str, Any]]:
+    """CALIBRATION and DECODE_PHASE at its rate here (Little: streams = rate x output
+    tokens x step time at that batch and its mean context), which `scale` leaves as is."""
+    out = mean_prompt(DECODE_PHASE["output"])
+    ctx = mean_prompt(DECODE_PHASE["prompt"]) + out / 2
+    step = cost.step_s(0, 0, DECODE_STREAMS, round(DECODE_STREAMS * ctx))
+    rate = DECODE_STREAMS / (out * step)
+    return [*CALIBRATION, {**DECODE_PHASE, "rate": round(rate, 3), "unscaled": True}]
+
+
 def requests_of(w: dict | list[dict], seed: int, scale: float = 1.0) -> list[SimRequest]:
     """A load's requests (a list: phases one after another, each its own lengths), every
-    rate times `scale` and every duration divided by it."""
+    rate times `scale` and every duration divided by it (but a phase marked unscaled)."""
     out: list[SimRequest] = []
     start = 0.0
     for i, p in enumerate(w if isinstance(w, list) else [w]):
-        seconds = p["seconds"] / scale
-        times = poisson_times([(seconds, p["rate"] * scale)], seed + i)
+        k = 1.0 if p.get("unscaled") else scale
+        seconds = p["seconds"] / k
+        times = poisson_times([(seconds, p["rate"] * k)], seed + i)
         for r in generate(times, parse_length(p["prompt"]), parse_length(p["output"]), seed + i):
             out.append(SimRequest(start + r.arrival_s, r.prompt_tokens, r.output_tokens))
         start += seconds

@@ -42,6 +42,7 @@ from bench.sim_calibrate import (
 )
 from bench.sim_loads import (
     CALIBRATION,
+    DECODE_PHASE,
     MAX_PREFILL_LOAD,
     WORKLOADS,
     auto_scale,
@@ -91,8 +92,9 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
     out["slo_ms"] = [args.ttft_ms, args.tpot_ms]
     costs = {}
     for mode, cal in list(out["calibration"].items()):
+        load = cal.get("load", CALIBRATION)  # older files: the two scaled phases only
         costs[mode], out["calibration"][mode] = calibrated(
-            base, mode, cal["real_rows"], steps_dir(args.out, mode), args
+            base, mode, cal["real_rows"], steps_dir(args.out, mode), args, load
         )
         hops = costs[mode].hops
         print(f"{mode}: host_share {costs[mode].host_share:.3f}, router_s "
@@ -161,10 +163,9 @@ def _scale(args: argparse.Namespace, base: FittedCost, scale: float | None) -> f
     if args.rescore or args.recalibrate:
         return float(json.loads(args.out.read_text()).get("rate_scale", 1.0))
     scale = scale or auto_scale(base)
-    span = (
-        sum(p["seconds"] for p in CALIBRATION) * len(args.modes)
-        + sum(WORKLOADS[w]["seconds"] for w in args.workloads) * len(args.modes) * args.repeats
-    )
+    calibration = sum(p["seconds"] for p in CALIBRATION) + DECODE_PHASE["seconds"] * scale
+    workloads = sum(WORKLOADS[w]["seconds"] for w in args.workloads) * args.repeats
+    span = (calibration + workloads) * len(args.modes)
     print(f"rate scale {scale:.3f}: about {span / scale / 60:.0f} min of arrivals", flush=True)
     return scale
 

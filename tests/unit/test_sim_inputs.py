@@ -10,7 +10,7 @@ import pytest
 from bench.autoscale_bench import arrivals
 from engine.errors import InvalidRequestError
 from sim import hardware
-from sim.cost import FittedCost, RooflineCost, features, fit
+from sim.cost import FittedCost, RooflineCost, features, fit, fit_knee
 from sim.workload import (
     diurnal_rate,
     diurnal_times,
@@ -83,13 +83,32 @@ def test_the_fit_recovers_a_linear_step_cost():
     assert list(coef.values()) == pytest.approx(true, rel=1e-3)
 
 
+def test_the_fit_finds_the_batch_below_which_a_decode_step_costs_no_more():
+    # 22 ms for up to 4 sequences, then 1.4 ms a sequence: a linear model without the knee
+    # is 9% off at batch 1; the fit picks the knee, and is exact
+    def step_s(ds: int, ctx: int) -> float:
+        return 0.022 + 1.4e-3 * max(0, ds - 4) + 2e-6 * ds * ctx
+
+    pts = [(ds, ctx) for ds in (1, 2, 3, 4, 8, 16, 32, 64) for ctx in (64, 256)]
+    rows = [((0, 0.0, ds, ds * ctx), step_s(ds, ctx)) for ds, ctx in pts]
+    coef, knee = fit_knee(rows)
+    assert knee == 4
+    assert coef["decode_seqs"] == pytest.approx(1.4e-3, rel=1e-3)
+    cost = FittedCost(coef, num_blocks=100, decode_knee=knee)
+    assert cost.step_s(0, 0, 1, 64) == pytest.approx(step_s(1, 64), rel=1e-3)
+    linear = FittedCost(fit([(features(*f), dt) for f, dt in rows]), num_blocks=100)
+    assert abs(linear.step_s(0, 0, 1, 64) / step_s(1, 64) - 1) > 0.05
+
+
 def test_a_fitted_model_round_trips_and_bad_files_are_one_line(tmp_path):
     c = FittedCost({"fixed": 0.03, "prefill_tokens": 4e-4, "prefill_ctx": 0.0,
-                    "decode_seqs": 5e-4, "decode_ctx": 1e-6}, num_blocks=1234)  # fmt: skip
+                    "decode_seqs": 5e-4, "decode_ctx": 1e-6}, num_blocks=1234,
+                   decode_knee=4)  # fmt: skip
     path = tmp_path / "cost.json"
     path.write_text(json.dumps(c.to_json()))
     back = FittedCost.load(path)
-    assert back.num_blocks == 1234 and back.step_s(10, 55, 2, 100) == c.step_s(10, 55, 2, 100)
+    assert back.num_blocks == 1234 and back.decode_knee == 4
+    assert back.step_s(10, 55, 9, 100) == c.step_s(10, 55, 9, 100) != c.step_s(10, 55, 4, 100)
     path.write_text("{}")
     with pytest.raises(InvalidRequestError, match="bad cost model"):
         FittedCost.load(path)

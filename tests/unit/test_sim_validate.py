@@ -60,6 +60,24 @@ def test_a_scaled_load_keeps_its_requests_and_spaces_out_their_arrivals():
     assert quarter[-1].arrival_s < w["seconds"] / 0.25
 
 
+def test_the_calibration_ends_with_a_phase_that_fills_the_decode_batch_whatever_the_scale():
+    cost = FittedCost({"fixed": 0.02, "decode_seqs": 1.3e-3, "decode_ctx": 2e-6}, num_blocks=1000)
+    load = sim_loads.calibration_load(cost)
+    assert load[:-1] == sim_loads.CALIBRATION
+    last = load[-1]
+    out = sim_loads.mean_prompt(last["output"])
+    ctx = sim_loads.mean_prompt(last["prompt"]) + out / 2
+    n = sim_loads.DECODE_STREAMS
+    # Little: sequences in flight = arrival rate x time each decodes (its tokens x the step)
+    in_flight = last["rate"] * out * cost.step_s(0, 0, n, round(n * ctx))
+    assert in_flight == pytest.approx(n, rel=0.01)
+    full, quarter = sim_loads.requests_of(load, 0), sim_loads.requests_of(load, 0, 0.25)
+    tail = len(sim_loads.requests_of(load[-1:], len(load) - 1))
+    assert [r.arrival_s - full[-tail].arrival_s for r in full[-tail:]] == pytest.approx(
+        [r.arrival_s - quarter[-tail].arrival_s for r in quarter[-tail:]]
+    )  # the decode phase keeps its rate when the rest is scaled down
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "x", "11"])
 def test_a_bad_rate_scale_is_refused_before_any_run(bad):
     parser = argparse.ArgumentParser()
