@@ -1,7 +1,8 @@
 """The calibration behind `bench sim-validate`: per serving mode, a load (bench.sim_loads)
 on a real server whose workers log every engine step; the cost model fitted to those steps
 (bench.sim_fit), and the cost per request outside the steps read off the gap between the
-real TTFTs and the simulated ones with no such cost:
+real TTFTs and the simulated ones with no such cost, over the phases scaled like the
+workloads (not the last one, which fills the decode batch for the step fit):
 
     router_s       the median gap of the requests that arrived with nothing in flight (as
                    the simulator saw it: Record.busy, what it then uses)
@@ -90,8 +91,12 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
     fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
                               f"serving workers' steps, {mode}, calibration load")  # fmt: skip
     sim = simulate_mode(fitted, mode, reqs, args.seed + 100, args)
+    # the fixed costs from the phases scaled like the workloads; the decode phase (last,
+    # near the decode worker's capacity) is there for the steps
+    light = len(requests_of([p for p in load if not p.get("unscaled")], args.seed + 100,
+                            args.scale))  # fmt: skip
     gaps = [(r["ttft_s"] - s.ttft_s, s.busy)
-            for r, s in zip(real, sim.records, strict=True)
+            for r, s in zip(real[:light], sim.records[:light], strict=True)
             if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
     idle, busy = fixed_costs(gaps)
     hops = dataclasses.replace(hops, router_s=idle, router_busy_s=busy)

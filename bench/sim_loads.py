@@ -34,9 +34,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 MAX_PREFILL_LOAD = 0.3  # the busiest a load keeps one prefill worker, by the cost model
 # The calibration's last phase, sized to the machine instead of scaled: short prompts at the
-# rate that keeps about DECODE_STREAMS sequences decoding on the one decode worker, by the
-# cost model. The first two phases never held more than 6 (2026-12-07); the step fit then
-# put no cost on a sequence and the simulator missed an overloaded ramp's collapse.
+# rate that keeps about DECODE_STREAMS sequences decoding on the one decode worker by
+# `bench sim-fit`'s in-process model (a serving worker steps slower, so it holds more: up
+# to 57 on 2026-12-07). The first two phases never held more than 6; the step fit then put
+# no cost on a sequence and the simulator missed an overloaded ramp's collapse.
 DECODE_PHASE: dict[str, Any] = {"prompt": "16-64", "output": "64-192", "seconds": 60}
 DECODE_STREAMS = 24
 
