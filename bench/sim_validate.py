@@ -2,7 +2,8 @@
 side by side, with the error of each figure.
 
     calibrate   per mode, a calibration load (lengths drawn from ranges, not the validation
-                workloads'): the serving workers log every engine step (SPLITSERVE_STEP_LOG)
+                workloads', then a phase that fills the decode batch: bench.sim_loads):
+                the serving workers log every engine step (SPLITSERVE_STEP_LOG)
                 and the cost model is fitted to those steps (bench.sim_fit), so it carries
                 the workers' threads, their neighbours on the 2 cores and their per-layer KV
                 hooks; the cost per request outside the steps (HTTP, Ray calls,

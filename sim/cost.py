@@ -9,8 +9,9 @@ A step is described by four numbers, whatever the scheduler put in it
 
 Two models answer `step_s`:
   - `FittedCost`: linear in the four, plus a fixed cost and one more for a step holding any
-    prompt tokens, fitted by least squares to steps of the real engine measured on this
-    machine (bench/sim_fit.py times them or reads the serving workers' step logs; `fit`).
+    prompt tokens, the decoding sequences counted beyond a knee (`fit_knee` picks it),
+    fitted by least squares to steps of the real engine measured on this machine
+    (bench/sim_fit.py times them or reads the serving workers' step logs; `fit`).
   - `RooflineCost`: a GPU target from published figures (sim.hardware): the larger of compute
     and HBM traffic at assumed MFU / MBU, plus tensor-parallel all-reduce and a fixed cost.
 
