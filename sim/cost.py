@@ -155,10 +155,9 @@ def fit_knee(rows: list[tuple[tuple, float]]) -> tuple[dict[str, float], int]:
     coefficients and knee with the least squared relative error."""
     best: tuple[float, dict[str, float], int] | None = None
     for knee in KNEES:
-        xs = [(features(f[0], f[1], f[2], f[3], knee), dt) for f, dt in rows]
-        coef = fit(xs)
-        c = [coef[t] for t in TERMS]
-        err = sum((sum(a * b for a, b in zip(c, x, strict=True)) / y - 1) ** 2 for x, y in xs)
+        coef = fit([(features(f[0], f[1], f[2], f[3], knee), dt) for f, dt in rows])
+        cost = FittedCost(coef, 1, decode_knee=knee)
+        err = sum((cost.step_s(f[0], f[1], f[2], f[3]) / dt - 1) ** 2 for f, dt in rows)
         if best is None or err < best[0]:
             best = (err, coef, knee)
     assert best is not None, "no rows to fit"
