@@ -104,7 +104,8 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
     errs = [tuned.step_s(*f) / dt - 1 for f, dt in rows]
     return tuned, {"router_s": idle, "router_busy_s": busy, "coef": tuned.coef,
                    "decode_knee": tuned.decode_knee, "load": load,
-                   "host_share": tuned.host_share, "steps": len(rows),
+                   "host_share": tuned.host_share,
+                   "host_share_prefill": tuned.host_share_prefill, "steps": len(rows),
                    "step_fit_error_median": statistics.median(abs(e) for e in errs),
                    "real_rows": real}  # fmt: skip
 

@@ -42,7 +42,7 @@ class CostModel(Protocol):
         self, prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int
     ) -> float: ...
 
-    def host_factor(self, stepping: int) -> float: ...
+    def host_factor(self, stepping: int, prefilling: int = 0) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +92,10 @@ class FittedCost:
     # stepped 1 and 4 sequences in 23 and 22 ms, 16 in 39, 64 in 114): `decode_seqs`
     # counts the sequences beyond it. 0: linear from the first.
     decode_knee: int = 0
+    # The slowdown while the other worker's step holds prompt tokens (None: host_share).
+    # Here a decode step lost ~16% to the other worker's decode step (both stream the
+    # weights) and ~5% to a colocated worker's prefill (2026-12-07's calibration).
+    host_share_prefill: float | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.coef) - set(TERMS)
@@ -99,11 +103,15 @@ class FittedCost:
             raise InvalidRequestError(f"unknown cost terms {sorted(unknown)}; known: {TERMS}")
         self.coef = {t: float(self.coef.get(t, 0.0)) for t in TERMS}
 
-    def host_factor(self, stepping: int) -> float:
-        """How much slower a step runs while `stepping` workers of its host step."""
+    def host_factor(self, stepping: int, prefilling: int = 0) -> float:
+        """How much slower a step runs while `stepping` workers of its host step (itself
+        included), `prefilling` of the others on steps that hold prompt tokens."""
         if stepping <= 1:
             return 1.0
-        return self.host_share * max(1.0, stepping / self.host_slots)
+        others = stepping - 1
+        on_prefill = self.host_share if self.host_share_prefill is None else self.host_share_prefill
+        share = ((others - prefilling) * self.host_share + prefilling * on_prefill) / others
+        return share * max(1.0, stepping / self.host_slots)
 
     def step_s(
         self, prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int
@@ -123,7 +131,8 @@ class FittedCost:
                 "block_size": self.block_size, "layers": self.layers,
                 "hops": asdict(self.hops), "host_share": self.host_share,
                 "host_slots": self.host_slots, "source": self.source,
-                "decode_knee": self.decode_knee}  # fmt: skip
+                "decode_knee": self.decode_knee,
+                "host_share_prefill": self.host_share_prefill}  # fmt: skip
 
     @staticmethod
     def load(path: Path) -> FittedCost:
@@ -134,10 +143,12 @@ class FittedCost:
             coef = {t: float(data["coef"].get(t, 0.0)) for t in TERMS}
             if not data["coef"]:
                 raise ValueError("no coefficients")
+            on_prefill = data.get("host_share_prefill")
             return FittedCost(coef, int(data["num_blocks"]), int(data.get("block_size", 16)),
                               int(data.get("layers", 1)), hops,
                               float(data.get("host_share", 1.0)), int(data.get("host_slots", 2)),
-                              data.get("source", ""), int(data.get("decode_knee", 0)))  # fmt: skip
+                              data.get("source", ""), int(data.get("decode_knee", 0)),
+                              None if on_prefill is None else float(on_prefill))  # fmt: skip
         except OSError as exc:
             raise InvalidRequestError(f"cannot read cost model {path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -237,7 +248,7 @@ class RooflineCost:
     def layers(self) -> int:
         return self.model.layers
 
-    def host_factor(self, stepping: int) -> float:
+    def host_factor(self, stepping: int, prefilling: int = 0) -> float:
         return 1.0  # a GPU worker has its GPUs to itself
 
     def step_s(

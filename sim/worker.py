@@ -65,6 +65,7 @@ class _Run:
     last_s: float  # the last step's (contexts grow by one a step: linear in between)
     version: int
     need: int = 0  # blocks its later steps will still take (grown at its end)
+    prefill: bool = False  # its step holds prompt tokens (cost.host_factor's prefilling)
 
     def end(self, j: int) -> float:
         """Time from the start to the end of step j (1-based)."""
@@ -160,13 +161,14 @@ class SimWorker:
         pt, pc, ds, dc = out.features()
         slow = 1.0
         if self.host is not None:
-            slow = self.cost.host_factor(1 + sum(w.run is not None for w in self.host))
+            busy = [w.run for w in self.host if w.run is not None]
+            slow = self.cost.host_factor(1 + len(busy), sum(r.prefill for r in busy))
             self._neighbours_changed(now)
         first = slow * self.cost.step_s(pt, pc, ds, dc)
         k = self._run_length(out) if pt == 0 else 1
         last = slow * self.cost.step_s(0, 0.0, ds, dc + (k - 1) * ds) if k > 1 else first
         self._version += 1
-        self.run = _Run(out, now, k, first, last, self._version)
+        self.run = _Run(out, now, k, first, last, self._version, prefill=pt > 0)
         if k > 1:
             self.run.need = self._blocks_for(out, k)
         self.at(now + self.run.end(k), self._done, self._version)

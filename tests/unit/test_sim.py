@@ -205,3 +205,20 @@ def test_the_summary_counts_goodput_against_the_slo():
     assert s["goodput_rps"] == pytest.approx(s["throughput_rps"])
     strict = simulate(cost(), ClusterConfig(), workload(rate=5.0), ttft_s=0.001, tpot_s=10.0)
     assert strict.summary["goodput_rps"] == 0.0
+
+
+def test_a_step_beside_a_prefilling_worker_of_its_host_takes_host_share_prefill():
+    """One host (this CPU machine): while the prefill worker computes a long prompt, the
+    decode worker's steps are slowed by host_share_prefill, not host_share."""
+    reqs = [SimRequest(0.0, 16, 400), SimRequest(0.5, 3000, 2)]
+    ends = {}
+    for on_prefill in (None, 1.3, 1.0):
+        c = cost()
+        c.host_share, c.host_share_prefill = 1.3, on_prefill
+        _, records = run(ClusterConfig(shared_host=True), reqs, c)
+        ends[on_prefill] = records[0].end_s
+    assert ends[None] == ends[1.3]  # unset: the one share either way
+    assert ends[1.0] < ends[1.3]
+    # two others stepping on two cores' worth of threads: their shares averaged, and 3/2
+    assert c.host_factor(3, 1) == pytest.approx((1.3 + 1.0) / 2 * 1.5)
+    assert c.host_factor(2, 0) == pytest.approx(1.3) and c.host_factor(1) == 1.0

@@ -1,15 +1,17 @@
 """bench.sim_validate's figures over several real runs: each the median of the runs, with
 their spread; the loads scaled to the machine's speed; the cost outside the steps fitted
-apart for idle and busy arrivals; a bad --repeats or --rate-scale is a one-line error
+apart for idle and busy arrivals; the host's slowdown fitted apart for a neighbour's
+decode and prefill steps; a bad --repeats or --rate-scale is a one-line error
 before anything starts."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
-from bench import sim_calibrate, sim_loads, sim_validate
+from bench import sim_calibrate, sim_fit, sim_loads, sim_validate
 from engine.errors import SplitServeError
 from sim.cost import FittedCost
 
@@ -92,3 +94,29 @@ def test_the_cost_outside_the_steps_is_fitted_apart_for_idle_and_busy_arrivals()
     few_idle = [(0.001, False)] * 3 + [(0.020, True)] * 15  # too few to tell: the median
     assert sim_calibrate.fixed_costs(few_idle) == pytest.approx((0.020, 0.020))
     assert sim_calibrate.fixed_costs([(-0.01, False)] * 12 + [(0.02, True)] * 12)[0] == 0.0
+
+
+def test_the_workers_steps_tell_a_neighbours_decode_from_its_prefill(tmp_path):
+    """Two workers' step logs ([prompt tokens, their context, decoding sequences, their
+    context, start, seconds]): A decodes throughout, 1.2 x slower while B decodes, 1.05 x
+    while B prefills, as fast as its base cost while B is idle. The fit finds the base and
+    both shares."""
+    base = FittedCost({"fixed": 0.02, "prefill_tokens": 1e-3, "decode_seqs": 1e-3}, 1)
+    a, b, t = [], [], 0.0
+    while t < 30.0:  # A: batches 1..16; B decodes for 10 s, prefills for 10, then idles
+        ds = 1 + len(a) % 16
+        dt = base.step_s(0, 0, ds, 64 * ds) * (1.2 if t < 10 else 1.05 if t < 20 else 1.0)
+        a.append([0, 0.0, ds, 64 * ds, t, dt])
+        t += dt
+    t = 0.0
+    while t < 20.0:
+        pt, ds = (0, 8) if t < 10 else (200 + 40 * (len(b) % 10), 0)
+        dt = base.step_s(pt, pt * pt / 2, ds, 64 * ds) * 1.2  # beside A's decode
+        b.append([pt, pt * pt / 2, ds, 64 * ds, t, dt])
+        t += dt
+    for name, steps in (("a", a), ("b", b)):
+        (tmp_path / f"steps-{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    fitted, share, on_prefill = sim_fit.fit_with_contention(sim_fit.logged_steps(tmp_path))
+    assert share == pytest.approx(1.2, rel=0.01)
+    assert on_prefill == pytest.approx(1.05, rel=0.01)
+    assert fitted.step_s(0, 0, 4, 256) == pytest.approx(base.step_s(0, 0, 4, 256), rel=0.02)
