@@ -10,7 +10,10 @@ Every timed step's four features come from the scheduler's own output for that s
     contention  the same decode and prefill points while a second process steps its own
                 engine (the other worker on this host): slower by a factor, the cost
                 model's `host_share`, which the simulator applies while two workers of one
-                host step at once
+                host step at once. From the serving workers' logs (`--from-steps`, and
+                bench sim-validate's calibration) a second share is fitted apart,
+                `host_share_prefill`: the slowdown while the other worker's step holds
+                prompt tokens (fit_with_contention)
 
 Writes the cost model as JSON, with every row and the fit's error per row.
 """
