@@ -4,8 +4,9 @@ disaggregated (router.request_life, router.reserve):
     arrive ──router_s (router_busy_s with others in flight)──> admission (router.admission)
     ──> reserve KV on a decode worker in routing.decode_order (scheduler.reserve_remote,
     answered when that worker's step in flight ends: its engine thread takes commands
-    between steps); none has room: the line, first come first served, retried with the
-    router's back-off until reserve_timeout_s (then 429)
+    between steps); none has room: the line, first come first served, its head retrying
+    with the router's back-off after each refusal comes back, until reserve_timeout_s
+    (then 429)
     ──> prefill worker by routing.pick_prefill ──rpc_s──> its scheduler (prefill-only)
     ──last chunk──> KV tail ──> decode worker: first token appended, scheduler.kv_landed;
     the first token reaches the client rpc_s + deliver_s later (TTFT)
@@ -18,12 +19,10 @@ The workers are sim.worker.SimWorker: the engine's scheduler, timed by a cost mo
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from engine.errors import OverloadedError
 from engine.scheduler import SchedulerConfig
@@ -42,6 +41,7 @@ from router.routing import (
     pick_colocated,
     pick_prefill,
 )
+from sim.clock import Clock
 from sim.cost import CostModel
 from sim.request import ClusterConfig, Record  # re-exported: callers import them here
 from sim.worker import Event, Role, SimWorker, State, new_sequence
@@ -50,8 +50,9 @@ from sim.workload import SimRequest
 __all__ = ["Cluster", "ClusterConfig", "Record"]
 
 
-class Cluster:
+class Cluster(Clock):
     def __init__(self, config: ClusterConfig, cost: CostModel):
+        super().__init__()
         self.config, self.cost, self.hops = config, cost, cost.hops  # type: ignore[attr-defined]
         self.rng = random.Random(config.seed)
         self.sched = config.scheduler or SchedulerConfig(
@@ -62,15 +63,13 @@ class Cluster:
                                                             None),
             streams_per_decode=self.sched.max_num_seqs,
         )  # fmt: skip
-        self.now = 0.0
-        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
-        self._tie = itertools.count()
         self.workers: dict[Role, list[SimWorker]] = {r: [] for r in Role}
         self._names = itertools.count()
         self.peak_workers = 0  # the most workers held at once (starting and draining count)
         self._host: list[SimWorker] = []  # shared_host: every worker, the gone ones removed
         self.records: list[Record] = []
         self.line: deque[Record] = deque()  # waiting for KV room, first come first served
+        self._line_turns = False  # the line's head has a try or an answer to come
         self.held = 0  # admitted, not ended
         self.prefill_tokens = 0  # admitted prompt tokens whose prefill has not returned
         self.listeners: list[Callable[[Record], None]] = []  # told of each ended request
@@ -82,21 +81,11 @@ class Cluster:
             for _ in range(n):
                 self.add_worker(role, start_s=0.0)
 
-    # ---- the clock ---------------------------------------------------------------------
-    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
-        heapq.heappush(self._heap, (t, next(self._tie), fn, args))
-
     def run(self, requests: Iterable[SimRequest], until: float | None = None) -> list[Record]:
         """Offer `requests` (in arrival order) and run until every one has ended."""
         self._arrivals = iter(requests)
         self._next_arrival()
-        heap = self._heap
-        while heap:
-            t, _, fn, args = heapq.heappop(heap)
-            if until is not None and t > until:
-                break
-            self.now = t
-            fn(t, *args)
+        self.run_events(until)
         return self.records
 
     def _next_arrival(self) -> None:
@@ -171,10 +160,11 @@ class Cluster:
             return self._colocated(now, rec)
         self.prefill_tokens += rec.prompt_tokens
         rec.routed_s = now
-        if self.line or not self._reserve(now, rec):  # nobody waiting: a try at once
-            self.line.append(rec)
-            if len(self.line) == 1:
-                self.at(now, self._line_try)
+        if self.line:
+            return self._join_line(now, rec)
+        ok, answered = self._reserve(now, rec)  # nobody waiting: a try at once
+        if not ok:
+            self.at(answered, self._join_line, rec)
 
     def _colocated(self, now: float, rec: Record) -> None:
         workers = self.active(Role.COLOCATED)
@@ -193,13 +183,18 @@ class Cluster:
         w.kick(now)
 
     # ---- disaggregated: reserve, prefill, hand-off ---------------------------------------
-    def _reserve(self, now: float, rec: Record) -> bool:
+    def _reserve(self, now: float, rec: Record) -> tuple[bool, float]:
+        """One round of router.reserve: the decode workers in routing order, each call
+        answered when that worker's step in flight ends (its engine thread takes commands
+        between steps). Whether one had room, and when the round's last answer came."""
         workers = self.active(Role.DECODE)
         by_name = {w.name: w for w in workers}
         loads = [DecodeLoad(w.name, w.known_free, w.in_flight) for w in workers]
         seq = new_sequence(f"r{rec.uid}", rec.uid, rec.prompt_tokens, rec.output_tokens)
-        for tries, name in enumerate(decode_order(loads, self.rng), 1):
+        t = now
+        for name in decode_order(loads, self.rng):
             w = by_name[name]
+            t = max(t, w.step_end(now)) + self.hops.rpc_s  # its step in flight now
             if not w.room_for(-(-rec.prompt_tokens // w.config.block_size)):
                 w.interrupt(now)  # its run's started steps take their blocks first
             if w.scheduler.reserve_remote(seq, rec.prompt_tokens) is None:
@@ -208,32 +203,41 @@ class Cluster:
             w.known_free = w.free_at(now)  # the ticket's free blocks
             w.in_flight += 1
             rec.decode, rec.seq = w, seq
-            # the reservation runs on its engine thread between two steps (decode_worker)
-            t = w.step_end(now) + tries * self.hops.rpc_s
             rec.reservation_s = t - (now if rec.routed_s is None else rec.routed_s)
             self.at(t, self._to_prefill, rec)
-            return True
-        return False
+            return True, t
+        return False, t
+
+    def _join_line(self, now: float, rec: Record) -> None:
+        self.line.append(rec)
+        if not self._line_turns:
+            self._line_turns = True
+            self.at(now, self._line_try)
 
     def _line_try(self, now: float) -> None:
-        """The line, as router.reserve runs it: the head tries at once when it gets there,
-        then after 10 ms doubling to 250 ms; its deadline (reserve_timeout_s) runs from
-        reaching the head, checked after each failed try (then 429)."""
-        while self.line:
-            rec = self.line[0]
-            if rec.head_since is None:
-                rec.head_since = now
-            if self._reserve(now, rec):
-                self.line.popleft()
-                continue
-            if now > rec.head_since + self.config.reserve_timeout_s:
-                self.line.popleft()
+        """The head of the line tries (router.reserve holds the line while it awaits the
+        answers): at once when it gets there, then 10 ms after each refusal comes back,
+        doubling to 250 ms."""
+        if not self.line:
+            self._line_turns = False
+            return
+        rec = self.line[0]
+        if rec.head_since is None:
+            rec.head_since = now
+        ok, answered = self._reserve(now, rec)
+        self.at(answered, self._line_answered, rec, ok)
+
+    def _line_answered(self, now: float, rec: Record, ok: bool) -> None:
+        """The head's deadline (reserve_timeout_s) runs from reaching the head and is
+        checked as each refusal comes back (then 429)."""
+        if ok or now > rec.head_since + self.config.reserve_timeout_s:  # type: ignore[operator]
+            self.line.popleft()
+            if not ok:
                 self.prefill_tokens -= rec.prompt_tokens
                 self._end(now, rec, "429")
-                continue
-            self.at(now + rec.backoff, self._line_try)
-            rec.backoff = min(2 * rec.backoff, 0.25)
-            return
+            return self._line_try(now)
+        self.at(now + rec.backoff, self._line_try)
+        rec.backoff = min(2 * rec.backoff, 0.25)
 
     def _to_prefill(self, now: float, rec: Record) -> None:
         workers = self.active(Role.PREFILL)

@@ -190,6 +190,29 @@ def test_no_kv_room_waits_in_line_then_times_out():
     _all_returned(cluster)
 
 
+def test_a_refused_reservation_comes_back_when_the_decode_step_ends(monkeypatch):
+    """router.reserve's calls to a decode worker are answered between its steps: while one
+    request holds all of its KV and steps every 0.5 s, the line's head is refused once a
+    step (each refusal back at a step's end, then the back-off), not every 10-250 ms."""
+    slow = FittedCost(dict(COEF, fixed=0.5), 20)
+    sched = SchedulerConfig(num_blocks=20, max_num_seqs=8)
+    tries: list[float] = []
+    real = Scheduler.reserve_remote
+
+    def counted(self, seq, *args, **kw):
+        tries.append(cluster.now)
+        return real(self, seq, *args, **kw)
+
+    monkeypatch.setattr(Scheduler, "reserve_remote", counted)
+    cluster = Cluster(ClusterConfig(scheduler=sched), slow)
+    first, second = cluster.run([SimRequest(0.0, 300, 20), SimRequest(1.0, 40, 4)])
+    assert first.error == second.error == ""
+    waited = first.end_s - 1.0  # the second gets KV when the first ends
+    assert second.routed_s + second.reservation_s > first.end_s - 0.6
+    assert len(tries) - 1 <= waited / 0.5 + 2  # one try a step at most (and the first's)
+    _all_returned(cluster)
+
+
 def test_one_output_token_ends_with_the_first():
     """max_tokens 1: the prefill's token is the whole answer; it ends as it arrives."""
     cluster, records = run(ClusterConfig(), [SimRequest(0.5, 300, 1), SimRequest(0.6, 50, 1)])
