@@ -27,8 +27,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from bench.sim_fit import fit_logged
 from bench.sim_loads import calibration_load, requests_of
+from bench.sim_steps import fit_logged, logged_steps, slowdown
 from engine.step_log import ENV as STEP_ENV
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
@@ -46,6 +46,26 @@ def steps_dir(out: Path, mode: str) -> Path:
     """Where a run's calibration steps are logged: beside its result file, so a second run
     (another --out) does not overwrite what --rescore of the first one reads."""
     return out.with_name(f"{out.stem}_steps_{mode}")
+
+
+def run_steps_dir(out: Path, mode: str, workload: str, repeat: int) -> Path:
+    """Where a validation run's steps are logged (for `step_drift`)."""
+    return out.with_name(f"{out.stem}_steps_{mode}_{workload}_{repeat}")
+
+
+def step_drift(cost: FittedCost, directory: Path) -> float | None:
+    """How much slower the engine stepped during a real run than the calibrated model says
+    for the same steps: the median over its logged steps of real / predicted time, the
+    host's contention included (1.1: 10% slower). This shared machine's speed drifts, and
+    a drift since the calibration is an error no model of the system removes. None: no
+    steps logged (a run from before they were)."""
+    try:
+        rows = logged_steps(directory)
+    except SystemExit:
+        return None
+    on_prefill = cost.host_share if cost.host_share_prefill is None else cost.host_share_prefill
+    return statistics.median(dt / (cost.step_s(*f) * slowdown(cost.host_share, on_prefill, ov, ovp))
+                             for f, dt, ov, ovp in rows)  # fmt: skip
 
 
 def run_real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:

@@ -17,7 +17,10 @@ side by side, with the error of each figure.
                 same arrival times and lengths (sim.workload draws them as this does);
                 `--repeats N`: the real run N times (a fresh server each, the same
                 arrivals), each figure the median of the N, and their spread reported
-                (what this shared machine's noise does to one real run)
+                (what this shared machine's noise does to one real run). The workers log
+                their steps in each run too: the last column is how much slower they
+                stepped than the calibrated model says (bench.sim_calibrate.step_drift),
+                the machine's own drift since the calibration
     ramp        `--ramp RESULT.json` from `splitserve bench autoscale`: the simulator runs
                 the same phases with the autoscaler on; workers per pool over time side by
                 side (a new worker's start-up time is read off the real run's polls)
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,9 @@ from bench.sim_calibrate import (
     calibrate,
     calibrated,
     run_real,
+    run_steps_dir,
     simulate_mode,
+    step_drift,
     steps_dir,
 )
 from bench.sim_loads import (
@@ -106,6 +112,9 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files
         e["real"], e["real_spread"] = median_summary(runs, slo)
         e["sim"] = simulate_mode(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
+        e["step_drift"] = [step_drift(costs[e["mode"]],
+                                      run_steps_dir(args.out, e["mode"], e["workload"], i))
+                           for i in range(len(runs))]  # fmt: skip
         e["error"] = errors(e["real"], e["sim"])
     if args.ramp is not None and "disaggregated" in costs:
         from bench.sim_ramp import compare_ramp
@@ -144,12 +153,17 @@ def run(args: argparse.Namespace) -> int:
         for name in args.workloads:
             w = WORKLOADS[name]
             reqs = requests_of(w, args.seed, args.scale)
-            runs = [run_real(mode, reqs, args.seed) for _ in range(args.repeats)]
+            runs, drift = [], []
+            for i in range(args.repeats):
+                steps = run_steps_dir(args.out, mode, name, i)
+                shutil.rmtree(steps, ignore_errors=True)
+                runs.append(run_real(mode, reqs, args.seed, steps))
+                drift.append(step_drift(cost, steps))
             real, spread = median_summary(runs, slo)
             res = simulate_mode(cost, mode, reqs, args.seed, args)
             entry = {"workload": name, "mode": mode, **w, "real": real, "sim": res.summary,
                      "error": errors(real, res.summary), "real_spread": spread,
-                     "real_rows_runs": runs}  # fmt: skip
+                     "real_rows_runs": runs, "step_drift": drift}  # fmt: skip
             out["runs"].append(entry)
             print(format_row(entry), flush=True)
             _write(args.out, out)
@@ -218,12 +232,15 @@ def format_row(e: dict) -> str:
     if runs > 1:  # the real runs' own spread, figure by figure
         cells = [f"{c}, spread {100 * spread[k]:.0f}%" if spread.get(k) is not None else c
                  for c, (k, _) in zip(cells, KEYS, strict=True)]  # fmt: skip
+    drift = [d for d in e.get("step_drift") or [] if d is not None]
+    cells.append(f"{100 * (statistics.median(drift) - 1):+.0f}%" if drift else "-")
     return f"| {e['workload']} | {e['mode']} | " + " | ".join(cells) + " |"
 
 
 def format_table(out: dict) -> str:
-    head = "| workload | mode | " + " | ".join(f"{n} real / sim" for _, n in KEYS) + " |"
-    lines = [head, "|" + "---|" * (len(KEYS) + 2)]
+    head = "| workload | mode | " + " | ".join(f"{n} real / sim" for _, n in KEYS)
+    head += " | real steps vs calibration |"  # bench.sim_calibrate.step_drift
+    lines = [head, "|" + "---|" * (len(KEYS) + 3)]
     lines += [format_row(e) for e in out["runs"]]
     worst = [abs(v) for e in out["runs"] for v in e["error"].values() if v is not None]
     if worst:

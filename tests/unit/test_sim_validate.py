@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bench import sim_calibrate, sim_fit, sim_loads, sim_validate
+from bench import sim_calibrate, sim_loads, sim_steps, sim_validate
 from engine.errors import SplitServeError
 from sim.cost import FittedCost
 
@@ -116,7 +116,26 @@ def test_the_workers_steps_tell_a_neighbours_decode_from_its_prefill(tmp_path):
         t += dt
     for name, steps in (("a", a), ("b", b)):
         (tmp_path / f"steps-{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
-    fitted, share, on_prefill = sim_fit.fit_with_contention(sim_fit.logged_steps(tmp_path))
+    fitted, share, on_prefill = sim_steps.fit_with_contention(sim_steps.logged_steps(tmp_path))
     assert share == pytest.approx(1.2, rel=0.01)
     assert on_prefill == pytest.approx(1.05, rel=0.01)
     assert fitted.step_s(0, 0, 4, 256) == pytest.approx(base.step_s(0, 0, 4, 256), rel=0.02)
+
+
+def test_a_run_whose_engine_stepped_slower_than_calibrated_shows_its_drift(tmp_path):
+    """The steps a validation run's workers logged, against the calibrated model: 10%
+    slower alone, and beside the other worker's decode exactly host_share slower: the
+    machine drifted 10% since the calibration (with the host's contention taken out)."""
+    cost = FittedCost({"fixed": 0.02, "decode_seqs": 1e-3}, 1, host_share=1.3)
+    a = [[0, 0.0, 4, 256, 10.0 + i, cost.step_s(0, 0, 4, 256) * 1.1] for i in range(9)]
+    b = [[0, 0.0, 2, 128, 10.0 + i, 0.9] for i in range(0, 9, 3)]  # beside a's every third
+    for i in range(0, 9, 3):
+        a[i][5] = cost.step_s(0, 0, 4, 256) * 1.3 * 1.1
+    (tmp_path / "steps-a.jsonl").write_text("".join(json.dumps(s) + "\n" for s in a))
+    (tmp_path / "steps-b.jsonl").write_text("".join(json.dumps(s) + "\n" for s in b))
+    drift = sim_calibrate.step_drift(cost, tmp_path)
+    assert drift == pytest.approx(1.1, rel=0.01)
+    assert sim_calibrate.step_drift(cost, tmp_path / "none") is None  # an older run: no steps
+    row = {"workload": "chat", "mode": "colocated", "real": {}, "sim": {}, "error": {},
+           "step_drift": [drift, None]}  # fmt: skip
+    assert sim_validate.format_row(row).endswith("| +10% |")

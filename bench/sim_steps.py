@@ -1,0 +1,102 @@
+"""The steps the serving workers logged (SPLITSERVE_STEP_LOG: engine.step_log), read for the
+simulator's cost model: each step's features and time, and how much of it the host's other
+worker spent stepping too (on a decode step, or on one with prompt tokens); the model
+fitted to them with the host's two slowdowns (`bench sim-fit --from-steps`, and
+bench sim-validate's calibration: bench.sim_calibrate)."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+from sim.cost import FittedCost, fit_knee
+
+GAP_S = 0.005  # a step that starts within this of the last one's end: back to back
+MIN_OVERLAPPED = 10  # steps of one kind of overlap before its share is told apart
+FIT_TURNS = 12  # base and shares fitted by turns until the shares move less than 0.1%
+
+
+def _overlap(others: list[list], start: float, end: float) -> tuple[float, float]:
+    """The fractions of [start, end] during which another worker of the host was stepping,
+    and was on a step holding prompt tokens."""
+    busy = prefill = 0.0
+    for o in others:
+        s, e = o[4], o[4] + o[5]
+        if e > start and s < end:
+            busy += min(e, end) - max(s, start)
+            prefill += (min(e, end) - max(s, start)) if o[0] else 0.0
+    span = end - start
+    return (min(1.0, busy / span), min(1.0, prefill / span)) if span > 0 else (0.0, 0.0)
+
+
+def logged_steps(directory: Path) -> list[tuple[tuple, float, float, float]]:
+    """(features, seconds, overlap, prefill overlap) of every step the workers logged. A
+    step followed back to back by the next one is timed start to start, so the worker's own
+    cost between steps (handing out tokens, taking new requests) counts, as it does on the
+    simulated clock. overlap: the fraction of it another worker of the host spent stepping
+    too; prefill overlap: the part of that on steps holding prompt tokens."""
+    procs = []
+    for path in sorted(Path(directory).glob("steps-*.jsonl")):
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        procs.append(sorted(steps, key=lambda s: s[4]))
+    rows: list[tuple[tuple, float, float, float]] = []
+    for i, steps in enumerate(procs):
+        others = sorted((s for j, p in enumerate(procs) if j != i for s in p), key=lambda s: s[4])
+        starts = [o[4] for o in others]
+        for cur, nxt in zip(steps, [*steps[1:], None], strict=True):
+            seconds = cur[5]
+            if nxt is not None and nxt[4] - (cur[4] + cur[5]) < GAP_S:
+                seconds = nxt[4] - cur[4]
+            lo = bisect.bisect_left(starts, cur[4] - 5.0)  # no step is longer than 5 s
+            hi = bisect.bisect_right(starts, cur[4] + seconds)
+            rows.append((tuple(cur[:4]), seconds,
+                         *_overlap(others[lo:hi], cur[4], cur[4] + seconds)))  # fmt: skip
+    if not rows:
+        raise SystemExit(f"no steps logged under {directory}")
+    return rows
+
+
+def fit_with_contention(
+    rows: list[tuple[tuple, float, float, float]],
+) -> tuple[FittedCost, float, float]:
+    """The base cost (coefficients and decode knee) and the host's two shares (another
+    worker on a decode step, on a step with prompt tokens): a step takes base(features) x
+    (1 + (share - 1) x decode overlap + (share_prefill - 1) x prefill overlap), fitted by
+    turns (the base on times with the contention taken out, then each share as the median
+    slowdown of the steps that overlapped most with that kind; a kind seen too little
+    takes the other's share)."""
+    share = on_prefill = 1.0
+    base = FittedCost({}, 1)
+    for _ in range(FIT_TURNS):
+        adjusted = [(f, dt / slowdown(share, on_prefill, ov, ovp)) for f, dt, ov, ovp in rows]
+        coef, knee = fit_knee(adjusted)
+        base = FittedCost(coef, 1, decode_knee=knee)
+        by_kind = [[dt / base.step_s(*f) for f, dt, ov, ovp in rows if pick(ov, ovp) > 0.8]
+                   for pick in (lambda ov, ovp: ov - ovp, lambda ov, ovp: ovp)]  # fmt: skip
+        most = max(by_kind, key=len)
+        if len(most) < MIN_OVERLAPPED:
+            break
+        last = (share, on_prefill)
+        share, on_prefill = (max(1.0, statistics.median(r if len(r) >= MIN_OVERLAPPED else most))
+                             for r in by_kind)  # fmt: skip
+        if max(abs(share - last[0]), abs(on_prefill - last[1])) < 1e-3:
+            break
+    return base, share, on_prefill
+
+
+def slowdown(share: float, on_prefill: float, overlap: float, prefill_overlap: float) -> float:
+    """A logged step's slowdown from the host's other worker: `share` for the part of it
+    beside a decode step, `on_prefill` for the part beside a step with prompt tokens."""
+    return 1 + (share - 1) * (overlap - prefill_overlap) + (on_prefill - 1) * prefill_overlap
+
+
+def fit_logged(directory: Path, base: FittedCost, source: str) -> tuple[FittedCost, list]:
+    rows = logged_steps(directory)
+    fitted, share, on_prefill = fit_with_contention(rows)
+    cost = dataclasses.replace(base, coef=fitted.coef, decode_knee=fitted.decode_knee,
+                               host_share=share, host_share_prefill=on_prefill,
+                               source=source)  # fmt: skip
+    return cost, [(f, dt) for f, dt, _, _ in rows]
