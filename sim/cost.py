@@ -94,7 +94,7 @@ class FittedCost:
     decode_knee: int = 0
     # The slowdown while the other worker's step holds prompt tokens (None: host_share).
     # Here a decode step lost ~16% to the other worker's decode step (both stream the
-    # weights) and ~5% to a colocated worker's prefill (2026-12-07's calibration).
+    # weights) and ~5% to a colocated worker's prefill (two colocated calibrations, 2026-12-07).
     host_share_prefill: float | None = None
 
     def __post_init__(self) -> None:
