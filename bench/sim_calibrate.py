@@ -59,12 +59,11 @@ def step_drift(cost: FittedCost, directory: Path) -> float | None:
     host's contention included (1.1: 10% slower). This shared machine's speed drifts, and
     a drift since the calibration is an error no model of the system removes. None: no
     steps logged (a run from before they were)."""
-    try:
-        rows = logged_steps(directory)
-    except SystemExit:
+    rows = logged_steps(directory)
+    if not rows:
         return None
-    on_prefill = cost.host_share if cost.host_share_prefill is None else cost.host_share_prefill
-    return statistics.median(dt / (cost.step_s(*f) * slowdown(cost.host_share, on_prefill, ov, ovp))
+    share, on_prefill = cost.host_share, cost.share_beside_prefill
+    return statistics.median(dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
                              for f, dt, ov, ovp in rows)  # fmt: skip
 
 

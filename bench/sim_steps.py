@@ -26,8 +26,9 @@ def _overlap(others: list[list], start: float, end: float) -> tuple[float, float
     for o in others:
         s, e = o[4], o[4] + o[5]
         if e > start and s < end:
-            busy += min(e, end) - max(s, start)
-            prefill += (min(e, end) - max(s, start)) if o[0] else 0.0
+            shared = min(e, end) - max(s, start)
+            busy += shared
+            prefill += shared if o[0] else 0.0
     span = end - start
     return (min(1.0, busy / span), min(1.0, prefill / span)) if span > 0 else (0.0, 0.0)
 
@@ -37,7 +38,8 @@ def logged_steps(directory: Path) -> list[tuple[tuple, float, float, float]]:
     step followed back to back by the next one is timed start to start, so the worker's own
     cost between steps (handing out tokens, taking new requests) counts, as it does on the
     simulated clock. overlap: the fraction of it another worker of the host spent stepping
-    too; prefill overlap: the part of that on steps holding prompt tokens."""
+    too; prefill overlap: the part of that on steps holding prompt tokens. Empty: nothing
+    logged there."""
     procs = []
     for path in sorted(Path(directory).glob("steps-*.jsonl")):
         steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -54,8 +56,6 @@ def logged_steps(directory: Path) -> list[tuple[tuple, float, float, float]]:
             hi = bisect.bisect_right(starts, cur[4] + seconds)
             rows.append((tuple(cur[:4]), seconds,
                          *_overlap(others[lo:hi], cur[4], cur[4] + seconds)))  # fmt: skip
-    if not rows:
-        raise SystemExit(f"no steps logged under {directory}")
     return rows
 
 
@@ -74,14 +74,14 @@ def fit_with_contention(
         adjusted = [(f, dt / slowdown(share, on_prefill, ov, ovp)) for f, dt, ov, ovp in rows]
         coef, knee = fit_knee(adjusted)
         base = FittedCost(coef, 1, decode_knee=knee)
-        by_kind = [[dt / base.step_s(*f) for f, dt, ov, ovp in rows if pick(ov, ovp) > 0.8]
-                   for pick in (lambda ov, ovp: ov - ovp, lambda ov, ovp: ovp)]  # fmt: skip
-        most = max(by_kind, key=len)
+        beside_decode = [dt / base.step_s(*f) for f, dt, ov, ovp in rows if ov - ovp > 0.8]
+        beside_prefill = [dt / base.step_s(*f) for f, dt, _, ovp in rows if ovp > 0.8]
+        most = max(beside_decode, beside_prefill, key=len)
         if len(most) < MIN_OVERLAPPED:
             break
         last = (share, on_prefill)
         share, on_prefill = (max(1.0, statistics.median(r if len(r) >= MIN_OVERLAPPED else most))
-                             for r in by_kind)  # fmt: skip
+                             for r in (beside_decode, beside_prefill))  # fmt: skip
         if max(abs(share - last[0]), abs(on_prefill - last[1])) < 1e-3:
             break
     return base, share, on_prefill
@@ -95,6 +95,8 @@ def slowdown(share: float, on_prefill: float, overlap: float, prefill_overlap: f
 
 def fit_logged(directory: Path, base: FittedCost, source: str) -> tuple[FittedCost, list]:
     rows = logged_steps(directory)
+    if not rows:
+        raise SystemExit(f"no steps logged under {directory}")
     fitted, share, on_prefill = fit_with_contention(rows)
     cost = dataclasses.replace(base, coef=fitted.coef, decode_knee=fitted.decode_knee,
                                host_share=share, host_share_prefill=on_prefill,

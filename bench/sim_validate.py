@@ -105,7 +105,7 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         )
         hops = costs[mode].hops
         print(f"{mode}: host_share {costs[mode].host_share:.3f} (beside a prefill "
-              f"{costs[mode].host_factor(2, 1):.3f}), router_s "
+              f"{costs[mode].share_beside_prefill:.3f}), router_s "
               f"{hops.router_s:.4f}, busy {hops.routing_s(True):.4f}")  # fmt: skip
     for e in out["runs"]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)

@@ -109,9 +109,14 @@ class FittedCost:
         if stepping <= 1:
             return 1.0
         others = stepping - 1
-        on_prefill = self.host_share if self.host_share_prefill is None else self.host_share_prefill
-        share = ((others - prefilling) * self.host_share + prefilling * on_prefill) / others
+        share = (
+            (others - prefilling) * self.host_share + prefilling * self.share_beside_prefill
+        ) / others
         return share * max(1.0, stepping / self.host_slots)
+
+    @property
+    def share_beside_prefill(self) -> float:
+        return self.host_share if self.host_share_prefill is None else self.host_share_prefill
 
     def step_s(
         self, prefill_tokens: int, prefill_ctx: float, decode_seqs: int, decode_ctx: int
