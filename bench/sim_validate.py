@@ -75,7 +75,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-scale", default="auto",
                    help="every load's rates times this, its durations divided by it; auto: "
                    "the largest factor <= 1 that keeps a prefill worker at most "
-                   f"{MAX_PREFILL_LOAD:.0%} busy by --cost (bench.sim_loads)")  # fmt: skip
+                   f"{100 * MAX_PREFILL_LOAD:.0f}%% busy by --cost (bench.sim_loads)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1,
                    help="real runs per workload and mode; a figure is their median")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "sim_validate.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -81,3 +82,26 @@ def test_bad_input_gives_one_line_error(case, needle, tiny, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert needle in lines[0]
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield path + (name,), sub
+                yield from _subcommands(sub, path + (name,))
+
+
+def test_every_command_prints_its_help(capsys):
+    """A `%` in a help text breaks argparse's formatting: `--help` then ends in a traceback."""
+    from splitserve.cli import build_parser
+
+    commands = list(_subcommands(build_parser()))
+    assert len(commands) > 10
+    broken = []
+    for path, sub in commands:
+        try:
+            sub.format_help()
+        except (ValueError, TypeError, KeyError) as exc:
+            broken.append(f"{' '.join(path)}: {exc!r}")
+    assert not broken
