@@ -100,9 +100,12 @@ class Capacity:
         return min(max(self.alpha * ratio + (1 - self.alpha) * old, _CLAMP[0]), _CLAMP[1])
 
 
+NO_COUNT = 1 << 30  # what a load needs when a worker has no capacity at the target
+
+
 def ceil_div(load: float, per_worker: float) -> int:
     if load <= 0:
         return 0
     if per_worker <= 0:
-        return 1 << 30  # no capacity at all: as many as allowed
+        return NO_COUNT  # no capacity at all: as many as allowed
     return math.ceil(load / per_worker - 1e-9)

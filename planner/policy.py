@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from planner.capacity import Capacity, ceil_div
+from planner.capacity import NO_COUNT, Capacity, ceil_div
 from planner.config import AutoscaleConfig, PoolLimits
 from planner.predict import Load, Predictor
 
@@ -188,6 +188,8 @@ class Planner:
             want, why = max(need, n + 1), f"TTFT broken by waiting for KV room ({wait_ms:.0f} ms)"
         elif latency is not None and latency > target:
             want, why = max(need, n + 1), f"{slo} {pct} {seen} > target {1000 * target:.0f} ms"
+        elif need >= NO_COUNT:
+            want, why = need, f"no worker count holds the {slo} target: none fits one worker"
         elif need > n:
             want, why = need, f"predicted load needs {need} workers"
         elif (

@@ -82,6 +82,15 @@ def test_predicted_load_sizes_each_pool_capped_per_decision():
     assert capped.prefill == 2 and "bound" in capped.reasons["prefill"]
 
 
+def test_a_target_no_worker_can_hold_is_said_so_not_as_a_worker_count():
+    # a TPOT target under one sequence's step (12 ms): a decode worker takes no load in it
+    d = planner(tpot_target_s=0.011).decide(obs(tpot=None, d=6))  # no TPOT seen yet
+    why = d.reasons["decode"]
+    assert "no worker count holds the TPOT target" in why
+    assert not re.search(r"\d{6,}", why)  # not "needs 1073741824 workers"
+    assert d.decode == 6 and "bound" in why
+
+
 def test_no_decision_while_a_previous_one_is_carried_out():
     d = planner().decide(obs(ttft=3.0, tpot=0.2, scaling=True))
     assert (d.prefill, d.decode, d.changed) == (1, 1, False)
