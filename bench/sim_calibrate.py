@@ -67,6 +67,19 @@ def step_drift(cost: FittedCost, directory: Path) -> float | None:
                              for f, dt, ov, ovp in rows)  # fmt: skip
 
 
+def drifted(cost: FittedCost, drift: list[float | None]) -> FittedCost | None:
+    """The calibrated model with every step time scaled by the real runs' median drift:
+    the machine's speed during those runs, the model's shape (batch, context, contention,
+    fixed costs) from the calibration. What the simulator predicts with this is its error
+    without the drift. None: no run logged its steps."""
+    seen = [d for d in drift if d is not None]
+    if not seen:
+        return None
+    k = statistics.median(seen)
+    source = f"{cost.source}; step times x{k:.3f}, the runs' drift"
+    return dataclasses.replace(cost, coef={t: v * k for t, v in cost.coef.items()}, source=source)
+
+
 def run_real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = None) -> list[dict]:
     """`reqs` on a real server in `mode` (after two warm-up requests); the client's records.
     `steps`: the workers log every engine step there."""

@@ -41,6 +41,7 @@ from bench.sim_calibrate import (
     MODES,
     calibrate,
     calibrated,
+    drifted,
     run_real,
     run_steps_dir,
     simulate_mode,
@@ -111,11 +112,10 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files
         e["real"], e["real_spread"] = median_summary(runs, slo)
-        e["sim"] = simulate_mode(costs[e["mode"]], e["mode"], reqs, args.seed, args).summary
         e["step_drift"] = [step_drift(costs[e["mode"]],
                                       run_steps_dir(args.out, e["mode"], e["workload"], i))
                            for i in range(len(runs))]  # fmt: skip
-        e["error"] = errors(e["real"], e["sim"])
+        score(e, costs[e["mode"]], reqs, args)
     if args.ramp is not None and "disaggregated" in costs:
         from bench.sim_ramp import compare_ramp
 
@@ -160,10 +160,9 @@ def run(args: argparse.Namespace) -> int:
                 runs.append(run_real(mode, reqs, args.seed, steps))
                 drift.append(step_drift(cost, steps))
             real, spread = median_summary(runs, slo)
-            res = simulate_mode(cost, mode, reqs, args.seed, args)
-            entry = {"workload": name, "mode": mode, **w, "real": real, "sim": res.summary,
-                     "error": errors(real, res.summary), "real_spread": spread,
+            entry = {"workload": name, "mode": mode, **w, "real": real, "real_spread": spread,
                      "real_rows_runs": runs, "step_drift": drift}  # fmt: skip
+            score(entry, cost, reqs, args)
             out["runs"].append(entry)
             print(format_row(entry), flush=True)
             _write(args.out, out)
@@ -172,6 +171,19 @@ def run(args: argparse.Namespace) -> int:
 
         out["ramp"] = compare_ramp(fitted.get("disaggregated", base), args.ramp)
     return _report(args, out)
+
+
+def score(e: dict, cost: FittedCost, reqs: list, args: argparse.Namespace) -> None:
+    """The simulator's figures for a run's `real` ones, with the calibrated model ("sim",
+    "error") and with it scaled by the real runs' own step drift ("sim_drifted",
+    "error_drifted": the error the machine's drift since the calibration leaves out)."""
+    mode = e["mode"]
+    e["sim"] = simulate_mode(cost, mode, reqs, args.seed, args).summary
+    e["error"] = errors(e["real"], e["sim"])
+    corrected = drifted(cost, e.get("step_drift") or [])
+    if corrected is not None:
+        e["sim_drifted"] = simulate_mode(corrected, mode, reqs, args.seed, args).summary
+        e["error_drifted"] = errors(e["real"], e["sim_drifted"])
 
 
 def _scale(args: argparse.Namespace, base: FittedCost, scale: float | None) -> float:
@@ -201,6 +213,9 @@ def median_summary(runs: list[list[dict]], slo: tuple[float, float]) -> tuple[di
 def _report(args: argparse.Namespace, out: dict[str, Any]) -> int:
     _write(args.out, out)
     print(format_table(out))
+    if drifted_table := format_drifted(out):
+        print("\nThe calibrated model's step times scaled by each figure's own drift:")
+        print(drifted_table)
     if "ramp" in out:
         from bench.sim_ramp import format_ramp
 
@@ -235,6 +250,25 @@ def format_row(e: dict) -> str:
     drift = [d for d in e.get("step_drift") or [] if d is not None]
     cells.append(f"{100 * (statistics.median(drift) - 1):+.0f}%" if drift else "-")
     return f"| {e['workload']} | {e['mode']} | " + " | ".join(cells) + " |"
+
+
+def format_drifted(out: dict) -> str:
+    """The errors again with the calibrated model scaled by each figure's runs' step drift."""
+    rows = [e for e in out["runs"] if "error_drifted" in e]
+    if not rows:
+        return ""
+    lines = ["| workload | mode | drift | " + " | ".join(n for _, n in KEYS) + " |",
+             "|" + "---|" * (len(KEYS) + 3)]  # fmt: skip
+    for e in rows:
+        drift = statistics.median(d for d in e["step_drift"] if d is not None)
+        cells = ["-" if e["error_drifted"].get(k) is None
+                 else f"{100 * e['error_drifted'][k]:+.0f}%" for k, _ in KEYS]  # fmt: skip
+        lines.append(f"| {e['workload']} | {e['mode']} | x{drift:.3f} | " + " | ".join(cells)
+                     + " |")  # fmt: skip
+    worst = [abs(v) for e in rows for v in e["error_drifted"].values() if v is not None]
+    lines.append(f"\nwith the drift: largest error {100 * max(worst):.1f}%; median "
+                 f"{100 * statistics.median(worst):.1f}%")  # fmt: skip
+    return "\n".join(lines)
 
 
 def format_table(out: dict) -> str:

@@ -139,3 +139,19 @@ def test_a_run_whose_engine_stepped_slower_than_calibrated_shows_its_drift(tmp_p
     row = {"workload": "chat", "mode": "colocated", "real": {}, "sim": {}, "error": {},
            "step_drift": [drift, None]}  # fmt: skip
     assert sim_validate.format_row(row).endswith("| +10% |")
+
+
+def test_the_calibrated_model_scaled_by_the_runs_drift_steps_that_much_slower():
+    cost = FittedCost({"fixed": 0.02, "decode_seqs": 1e-3, "prefill_tokens": 1e-4}, 1,
+                      host_share=1.3)  # fmt: skip
+    slower = sim_calibrate.drifted(cost, [1.08, None, 1.12])
+    assert slower is not None and slower.host_share == cost.host_share
+    for f in ((0, 0.0, 4, 256), (512, 0.0, 0, 0)):
+        assert slower.step_s(*f) == pytest.approx(1.1 * cost.step_s(*f))
+    assert sim_calibrate.drifted(cost, [None]) is None  # no run logged its steps
+    row = {"workload": "chat", "mode": "colocated", "step_drift": [1.1],
+           "error_drifted": {"ttft_p50_ms": 0.04, "tpot_p90_ms": -0.12}}  # fmt: skip
+    table = sim_validate.format_drifted({"runs": [row, {"workload": "x", "mode": "y"}]})
+    assert "| chat | colocated | x1.100 | +4% | - | - | -12% | - |" in table
+    assert "largest error 12.0%" in table
+    assert sim_validate.format_drifted({"runs": [{"workload": "x"}]}) == ""
