@@ -102,3 +102,27 @@ def fit_logged(directory: Path, base: FittedCost, source: str) -> tuple[FittedCo
                                host_share=share, host_share_prefill=on_prefill,
                                source=source)  # fmt: skip
     return cost, [(f, dt) for f, dt, _, _ in rows]
+
+
+def persistence(cost: FittedCost, rows: list[tuple[tuple, float, float, float]],
+                window: int = 100) -> dict[str, float] | None:  # fmt: skip
+    """How the decode steps' real / modelled time (the host's contention taken out) scatters
+    and how long a slow stretch lasts, in log order: its coefficient of variation, its
+    autocorrelation 1 and 10 steps on, and the coefficient of variation of the mean over
+    `window` consecutive steps (about a request's life; independent steps would give the
+    first over sqrt(window)). None: too few decode steps."""
+    share, on_prefill = cost.host_share, cost.share_beside_prefill
+    r = [dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
+         for f, dt, ov, ovp in rows if f[2] and not f[0]]  # fmt: skip
+    if len(r) < 4 * window:
+        return None
+    mean, var = statistics.fmean(r), statistics.pvariance(r)
+
+    def lag(k: int) -> float:
+        return sum((r[i] - mean) * (r[i + k] - mean) for i in range(len(r) - k)) / (
+            (len(r) - k) * var
+        )
+
+    means = [statistics.fmean(r[i : i + window]) for i in range(0, len(r) - window + 1, window)]
+    return {"cv": var**0.5 / mean, "lag1": lag(1), "lag10": lag(10),
+            "window_cv": statistics.pstdev(means) / statistics.fmean(means)}  # fmt: skip

@@ -57,6 +57,7 @@ from bench.sim_loads import (
     parse_scale,
     requests_of,
 )
+from bench.sim_steps import logged_steps, persistence
 from engine.errors import SplitServeError
 from sim.cost import FittedCost
 from sim.report import errors, summarize
@@ -108,6 +109,13 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         print(f"{mode}: host_share {costs[mode].host_share:.3f} (beside a prefill "
               f"{costs[mode].share_beside_prefill:.3f}), router_s "
               f"{hops.router_s:.4f}, busy {hops.routing_s(True):.4f}")  # fmt: skip
+        scatter = persistence(costs[mode], logged_steps(steps_dir(args.out, mode)))
+        out["calibration"][mode]["persistence"] = scatter
+        if scatter is not None:
+            print(f"{mode}: decode steps / model cv {scatter['cv']:.3f}, autocorrelation "
+                  f"{scatter['lag1']:.2f} (1 step) {scatter['lag10']:.2f} (10), 100-step "
+                  f"means cv {scatter['window_cv']:.3f} (independent steps: "
+                  f"{scatter['cv'] / 10:.3f})")  # fmt: skip
     for e in out["runs"]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import pytest
 
@@ -155,3 +156,24 @@ def test_the_calibrated_model_scaled_by_the_runs_drift_steps_that_much_slower():
     assert "| chat | colocated | x1.100 | +4% | - | - | -12% | - |" in table
     assert "largest error 12.0%" in table
     assert sim_validate.format_drifted({"runs": [{"workload": "x"}]}) == ""
+
+
+def test_a_slowness_that_lasts_is_told_from_a_step_to_step_scatter():
+    """Decode steps 20% slow or fast in stretches of 200 steps, against the same scatter
+    drawn step by step: the first keeps its autocorrelation and its 100-step means vary as
+    much as its steps; the second's means vary about a tenth as much."""
+    cost = FittedCost({"fixed": 0.02, "decode_seqs": 1e-3}, 1)
+    t0 = cost.step_s(0, 0, 4, 256)
+    rng = random.Random(0)
+    lasting = [1.2 if (i // 200) % 2 else 0.8 for i in range(2000)]
+    scattered = [rng.choice((0.8, 1.2)) for _ in range(2000)]
+    found = {}
+    for name, factors in (("lasting", lasting), ("scattered", scattered)):
+        rows = [((0, 0.0, 4, 256), t0 * k, 0.0, 0.0) for k in factors]
+        rows.append(((128, 0.0, 0, 0), 5.0, 0.0, 0.0))  # a prefill step: not counted
+        found[name] = sim_steps.persistence(cost, rows)
+    assert found["lasting"]["lag10"] > 0.9 and found["lasting"]["window_cv"] > 0.15
+    assert abs(found["scattered"]["lag1"]) < 0.1
+    assert found["scattered"]["window_cv"] < found["scattered"]["cv"] / 5
+    assert found["lasting"]["cv"] == pytest.approx(found["scattered"]["cv"], rel=0.05)
+    assert sim_steps.persistence(cost, rows[:100]) is None  # too few steps
