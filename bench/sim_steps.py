@@ -109,8 +109,8 @@ def persistence(cost: FittedCost, rows: list[tuple[tuple, float, float, float]],
     """How the decode steps' real / modelled time (the host's contention taken out) scatters
     and how long a slow stretch lasts, in log order: its coefficient of variation, its
     autocorrelation 1 and 10 steps on, and the coefficient of variation of the mean over
-    `window` consecutive steps (about a request's life; independent steps would give the
-    first over sqrt(window)). None: too few decode steps."""
+    `window` consecutive steps (about a request's life), against what independent steps
+    would give (the first over sqrt(window)). None: too few decode steps."""
     share, on_prefill = cost.host_share, cost.share_beside_prefill
     r = [dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
          for f, dt, ov, ovp in rows if f[2] and not f[0]]  # fmt: skip
@@ -124,5 +124,6 @@ def persistence(cost: FittedCost, rows: list[tuple[tuple, float, float, float]],
         )
 
     means = [statistics.fmean(r[i : i + window]) for i in range(0, len(r) - window + 1, window)]
-    return {"cv": var**0.5 / mean, "lag1": lag(1), "lag10": lag(10),
+    cv = var**0.5 / mean
+    return {"cv": cv, "lag1": lag(1), "lag10": lag(10), "independent_window_cv": cv / window**0.5,
             "window_cv": statistics.pstdev(means) / statistics.fmean(means)}  # fmt: skip

@@ -115,7 +115,7 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
             print(f"{mode}: decode steps / model cv {scatter['cv']:.3f}, autocorrelation "
                   f"{scatter['lag1']:.2f} (1 step) {scatter['lag10']:.2f} (10), 100-step "
                   f"means cv {scatter['window_cv']:.3f} (independent steps: "
-                  f"{scatter['cv'] / 10:.3f})")  # fmt: skip
+                  f"{scatter['independent_window_cv']:.3f})")  # fmt: skip
     for e in out["runs"]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files

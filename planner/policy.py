@@ -189,7 +189,8 @@ class Planner:
         elif latency is not None and latency > target:
             want, why = max(need, n + 1), f"{slo} {pct} {seen} > target {1000 * target:.0f} ms"
         elif need >= NO_COUNT:
-            want, why = need, f"no worker count holds the {slo} target: none fits one worker"
+            why = f"no worker count holds the {slo} target: one worker takes none of the load"
+            want = need
         elif need > n:
             want, why = need, f"predicted load needs {need} workers"
         elif (
