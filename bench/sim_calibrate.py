@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from bench.sim_loads import calibration_load, requests_of
-from bench.sim_steps import fit_logged, logged_steps, slowdown
+from bench.sim_steps import fit_logged, logged_steps, persistence, ratios
 from engine.step_log import ENV as STEP_ENV
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
@@ -60,11 +60,13 @@ def step_drift(cost: FittedCost, directory: Path) -> float | None:
     a drift since the calibration is an error no model of the system removes. None: no
     steps logged (a run from before they were)."""
     rows = logged_steps(directory)
-    if not rows:
-        return None
-    share, on_prefill = cost.host_share, cost.share_beside_prefill
-    return statistics.median(dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
-                             for f, dt, ov, ovp in rows)  # fmt: skip
+    return statistics.median(ratios(cost, rows)) if rows else None
+
+
+def median_drift(drift: list[float | None]) -> float | None:
+    """The median of the real runs' step drifts (None: no run logged its steps)."""
+    seen = [d for d in drift if d is not None]
+    return statistics.median(seen) if seen else None
 
 
 def drifted(cost: FittedCost, drift: list[float | None]) -> FittedCost | None:
@@ -72,10 +74,9 @@ def drifted(cost: FittedCost, drift: list[float | None]) -> FittedCost | None:
     the machine's speed during those runs, the model's shape (batch, context, contention,
     fixed costs) from the calibration. What the simulator predicts with this is its error
     without the drift. None: no run logged its steps."""
-    seen = [d for d in drift if d is not None]
-    if not seen:
+    k = median_drift(drift)
+    if k is None:
         return None
-    k = statistics.median(seen)
     source = f"{cost.source}; step times x{k:.3f}, the runs' drift"
     return dataclasses.replace(cost, coef={t: v * k for t, v in cost.coef.items()}, source=source)
 
@@ -133,13 +134,13 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
     idle, busy = fixed_costs(gaps)
     hops = dataclasses.replace(hops, router_s=idle, router_busy_s=busy)
     tuned = dataclasses.replace(fitted, hops=hops)
-    errs = [tuned.step_s(*f) / dt - 1 for f, dt in rows]
+    errs = [tuned.step_s(*f) / dt - 1 for f, dt, _, _ in rows]
     return tuned, {"router_s": idle, "router_busy_s": busy, "coef": tuned.coef,
                    "decode_knee": tuned.decode_knee, "load": load,
                    "host_share": tuned.host_share,
                    "host_share_prefill": tuned.host_share_prefill, "steps": len(rows),
                    "step_fit_error_median": statistics.median(abs(e) for e in errs),
-                   "real_rows": real}  # fmt: skip
+                   "persistence": persistence(tuned, rows), "real_rows": real}  # fmt: skip
 
 
 def fixed_costs(gaps: list[tuple[float, bool]]) -> tuple[float, float]:

@@ -182,9 +182,9 @@ def _subset(probe: _Probe, repeats: int, seed: int) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_steps is not None:
-        cost, steps = fit_logged(args.from_steps, FittedCost.load(args.out),
-                                 f"bench sim-fit --from-steps {args.from_steps}")  # fmt: skip
-        return _write(args, cost, steps)
+        cost, rows = fit_logged(args.from_steps, FittedCost.load(args.out),
+                                f"bench sim-fit --from-steps {args.from_steps}")  # fmt: skip
+        return _write(args, cost, [(f, dt) for f, dt, _, _ in rows])
     if args.refit:
         saved = json.loads(args.out.read_text())
         steps = [(tuple(r["features"]), r["step_s"]) for r in saved["rows"]]

@@ -93,7 +93,18 @@ def slowdown(share: float, on_prefill: float, overlap: float, prefill_overlap: f
     return 1 + (share - 1) * (overlap - prefill_overlap) + (on_prefill - 1) * prefill_overlap
 
 
-def fit_logged(directory: Path, base: FittedCost, source: str) -> tuple[FittedCost, list]:
+def ratios(cost: FittedCost, rows: list[tuple[tuple, float, float, float]]) -> list[float]:
+    """Each logged step's real time over what `cost` says for it, beside the neighbours it
+    had (the host's contention taken out)."""
+    share, on_prefill = cost.host_share, cost.share_beside_prefill
+    return [dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
+            for f, dt, ov, ovp in rows]  # fmt: skip
+
+
+def fit_logged(
+    directory: Path, base: FittedCost, source: str
+) -> tuple[FittedCost, list[tuple[tuple, float, float, float]]]:
+    """The model fitted to the steps logged under `directory`, and those steps' rows."""
     rows = logged_steps(directory)
     if not rows:
         raise SystemExit(f"no steps logged under {directory}")
@@ -101,7 +112,7 @@ def fit_logged(directory: Path, base: FittedCost, source: str) -> tuple[FittedCo
     cost = dataclasses.replace(base, coef=fitted.coef, decode_knee=fitted.decode_knee,
                                host_share=share, host_share_prefill=on_prefill,
                                source=source)  # fmt: skip
-    return cost, [(f, dt) for f, dt, _, _ in rows]
+    return cost, rows
 
 
 def persistence(cost: FittedCost, rows: list[tuple[tuple, float, float, float]],
@@ -111,9 +122,7 @@ def persistence(cost: FittedCost, rows: list[tuple[tuple, float, float, float]],
     autocorrelation 1 and 10 steps on, and the coefficient of variation of the mean over
     `window` consecutive steps (about a request's life), against what independent steps
     would give (the first over sqrt(window)). None: too few decode steps."""
-    share, on_prefill = cost.host_share, cost.share_beside_prefill
-    r = [dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
-         for f, dt, ov, ovp in rows if f[2] and not f[0]]  # fmt: skip
+    r = ratios(cost, [row for row in rows if row[0][2] and not row[0][0]])
     if len(r) < 4 * window:
         return None
     mean, var = statistics.fmean(r), statistics.pvariance(r)

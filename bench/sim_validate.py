@@ -42,6 +42,7 @@ from bench.sim_calibrate import (
     calibrate,
     calibrated,
     drifted,
+    median_drift,
     run_real,
     run_steps_dir,
     simulate_mode,
@@ -57,7 +58,6 @@ from bench.sim_loads import (
     parse_scale,
     requests_of,
 )
-from bench.sim_steps import logged_steps, persistence
 from engine.errors import SplitServeError
 from sim.cost import FittedCost
 from sim.report import errors, summarize
@@ -109,8 +109,7 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
         print(f"{mode}: host_share {costs[mode].host_share:.3f} (beside a prefill "
               f"{costs[mode].share_beside_prefill:.3f}), router_s "
               f"{hops.router_s:.4f}, busy {hops.routing_s(True):.4f}")  # fmt: skip
-        scatter = persistence(costs[mode], logged_steps(steps_dir(args.out, mode)))
-        out["calibration"][mode]["persistence"] = scatter
+        scatter = out["calibration"][mode]["persistence"]
         if scatter is not None:
             print(f"{mode}: decode steps / model cv {scatter['cv']:.3f}, autocorrelation "
                   f"{scatter['lag1']:.2f} (1 step) {scatter['lag10']:.2f} (10), 100-step "
@@ -255,8 +254,8 @@ def format_row(e: dict) -> str:
     if runs > 1:  # the real runs' own spread, figure by figure
         cells = [f"{c}, spread {100 * spread[k]:.0f}%" if spread.get(k) is not None else c
                  for c, (k, _) in zip(cells, KEYS, strict=True)]  # fmt: skip
-    drift = [d for d in e.get("step_drift") or [] if d is not None]
-    cells.append(f"{100 * (statistics.median(drift) - 1):+.0f}%" if drift else "-")
+    drift = median_drift(e.get("step_drift") or [])
+    cells.append("-" if drift is None else f"{100 * (drift - 1):+.0f}%")
     return f"| {e['workload']} | {e['mode']} | " + " | ".join(cells) + " |"
 
 
@@ -268,7 +267,7 @@ def format_drifted(out: dict) -> str:
     lines = ["| workload | mode | drift | " + " | ".join(n for _, n in KEYS) + " |",
              "|" + "---|" * (len(KEYS) + 3)]  # fmt: skip
     for e in rows:
-        drift = statistics.median(d for d in e["step_drift"] if d is not None)
+        drift = median_drift(e["step_drift"])
         cells = ["-" if e["error_drifted"].get(k) is None
                  else f"{100 * e['error_drifted'][k]:+.0f}%" for k, _ in KEYS]  # fmt: skip
         lines.append(f"| {e['workload']} | {e['mode']} | x{drift:.3f} | " + " | ".join(cells)
