@@ -32,6 +32,7 @@ from bench.sim_steps import fit_logged, logged_steps, persistence, ratios
 from engine.step_log import ENV as STEP_ENV
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
+from sim.report import median_of
 from sim.simulate import SimResult, simulate
 from sim.workload import SimRequest
 
@@ -40,6 +41,9 @@ MODES = {
     "colocated": ["--mode", "colocated", "--prefill", "1", "--decode", "1"],
 }
 MIN_SPLIT = 10  # requests on each side before the idle and busy costs are told apart
+# simulations per figure where the model scatters its steps (cost.noise): a figure is their
+# median, as a real figure is the median of its repeats
+NOISE_DRAWS = 5
 
 
 def steps_dir(out: Path, mode: str) -> Path:
@@ -97,9 +101,19 @@ def run_real(mode: str, reqs: list[SimRequest], seed: int, steps: Path | None = 
 
 
 def simulate_mode(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
-         args: argparse.Namespace) -> SimResult:  # fmt: skip
-    cfg = ClusterConfig(mode=mode, prefill=1, decode=1, shared_host=True, seed=seed)
+                  args: argparse.Namespace, noise_seed: int = 0) -> SimResult:  # fmt: skip
+    cfg = ClusterConfig(mode=mode, prefill=1, decode=1, shared_host=True, seed=seed,
+                        noise_seed=noise_seed)  # fmt: skip
     return simulate(cost, cfg, reqs, args.ttft_ms / 1000, args.tpot_ms / 1000)
+
+
+def simulate_draws(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
+                   args: argparse.Namespace) -> tuple[dict, dict]:  # fmt: skip
+    """Each figure's median over NOISE_DRAWS simulations (one where the steps do not
+    scatter), each with its own draw of the workers' slowness, and its spread."""
+    draws = NOISE_DRAWS if cost.noise is not None else 1
+    return median_of([simulate_mode(cost, mode, reqs, seed, args, n).summary
+                      for n in range(draws)])  # fmt: skip
 
 
 def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[FittedCost, dict]:
@@ -122,25 +136,32 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
         base.hops, router_s=0.0, router_busy_s=None, rpc_s=0.0, deliver_s=0.0
     )
     fitted, rows = fit_logged(steps, dataclasses.replace(base, hops=hops),
-                              f"serving workers' steps, {mode}, calibration load")  # fmt: skip
-    sim = simulate_mode(fitted, mode, reqs, args.seed + 100, args)
+                              f"serving workers' steps, {mode}, calibration load",
+                              args.scatter)  # fmt: skip
     # the fixed costs from the phases scaled like the workloads; the decode phase (last,
-    # near the decode worker's capacity) is there for the steps
+    # near the decode worker's capacity) is there for the steps. Where the steps scatter,
+    # the gaps of every draw of it are pooled (one draw's ~40 idle arrivals move the
+    # median by 20 ms)
     light = len(requests_of([p for p in load if not p.get("unscaled")], args.seed + 100,
                             args.scale))  # fmt: skip
-    gaps = [(r["ttft_s"] - s.ttft_s, s.busy)
-            for r, s in zip(real[:light], sim.records[:light], strict=True)
-            if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
+    gaps = []
+    for n in range(NOISE_DRAWS if fitted.noise is not None else 1):
+        sim = simulate_mode(fitted, mode, reqs, args.seed + 100, args, n)
+        gaps += [(r["ttft_s"] - s.ttft_s, s.busy)
+                 for r, s in zip(real[:light], sim.records[:light], strict=True)
+                 if r["ttft_s"] is not None and s.ttft_s is not None]  # fmt: skip
     idle, busy = fixed_costs(gaps)
     hops = dataclasses.replace(hops, router_s=idle, router_busy_s=busy)
     tuned = dataclasses.replace(fitted, hops=hops)
-    errs = [tuned.step_s(*f) / dt - 1 for f, dt, _, _ in rows]
+    errs = [tuned.step_s(*r.features) / r.seconds - 1 for r in rows]
     return tuned, {"router_s": idle, "router_busy_s": busy, "coef": tuned.coef,
                    "decode_knee": tuned.decode_knee, "load": load,
                    "host_share": tuned.host_share,
                    "host_share_prefill": tuned.host_share_prefill, "steps": len(rows),
                    "step_fit_error_median": statistics.median(abs(e) for e in errs),
-                   "persistence": persistence(tuned, rows), "real_rows": real}  # fmt: skip
+                   "persistence": persistence(tuned, rows),
+                   "noise": None if tuned.noise is None else tuned.noise.to_json(),
+                   "real_rows": real}  # fmt: skip
 
 
 def fixed_costs(gaps: list[tuple[float, bool]]) -> tuple[float, float]:

@@ -54,6 +54,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fit to the serving workers' step logs in this directory (SPLITSERVE_STEP_LOG)",
     )
+    p.add_argument("--scatter", action="store_true",
+                   help="with --from-steps: also how the steps scatter about the model and "
+                   "how long a slow stretch lasts (sim.noise), which `splitserve sim` "
+                   "then draws")  # fmt: skip
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -183,8 +187,9 @@ def _subset(probe: _Probe, repeats: int, seed: int) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     if args.from_steps is not None:
         cost, rows = fit_logged(args.from_steps, FittedCost.load(args.out),
-                                f"bench sim-fit --from-steps {args.from_steps}")  # fmt: skip
-        return _write(args, cost, [(f, dt) for f, dt, _, _ in rows])
+                                f"bench sim-fit --from-steps {args.from_steps}",
+                                args.scatter)  # fmt: skip
+        return _write(args, cost, [(r.features, r.seconds) for r in rows])
     if args.refit:
         saved = json.loads(args.out.read_text())
         steps = [(tuple(r["features"]), r["step_s"]) for r in saved["rows"]]

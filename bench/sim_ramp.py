@@ -14,11 +14,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.sim_calibrate import NOISE_DRAWS
 from planner import AutoscaleConfig, PoolLimits
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
-from sim.report import errors, summarize
-from sim.simulate import simulate
+from sim.report import errors, median_of, summarize
+from sim.simulate import SimResult, simulate
 from sim.workload import SimRequest, parse_phases, poisson_times
 
 POOLS = ("prefill", "decode")
@@ -69,12 +70,16 @@ def compare_ramp(base: FittedCost, path: Path) -> dict[str, Any]:
             for t in poisson_times(phases, cfg["seed"])]  # fmt: skip
     horizon = sum(s for s, _ in phases)
     slo = (auto.ttft_target_s, auto.tpot_target_s)
-    res = simulate(cost, ClusterConfig(shared_host=True, seed=cfg["seed"]), reqs, *slo,
-                   autoscale=auto, duration_s=horizon)  # fmt: skip
-    out: dict[str, Any] = {"result": str(path), "worker_start_s": start_s, "pools": {}}
+    draws = NOISE_DRAWS if cost.noise is not None else 1
+    runs = [simulate(cost, ClusterConfig(shared_host=True, seed=cfg["seed"], noise_seed=n),
+                     reqs, *slo, autoscale=auto, duration_s=horizon)
+            for n in range(draws)]  # fmt: skip
+    timelines = median_timelines(runs)
+    out: dict[str, Any] = {"result": str(path), "worker_start_s": start_s, "pools": {},
+                           "draws": draws}  # fmt: skip
     for pool in POOLS:
         real_tl = [(p["t"], p[f"{pool}_active"]) for p in real["polls"]]
-        sim_tl = [(s.t, s.active[pool]) for s in res.samples]
+        sim_tl = timelines[pool]
         out["pools"][pool] = {
             "real_changes": changes(real_tl), "sim_changes": changes(sim_tl),
             "real_worker_s": worker_seconds(real_tl, horizon),
@@ -82,11 +87,21 @@ def compare_ramp(base: FittedCost, path: Path) -> dict[str, Any]:
             "real_max": max(n for _, n in real_tl), "sim_max": max(n for _, n in sim_tl),
         }  # fmt: skip
     real_sum = summarize(real["records"], *slo)
-    out["real"], out["sim"] = real_sum, res.summary
-    out["error"] = errors(real_sum, res.summary)
-    out["sim_timeline"] = [{"t": s.t, **{f"{p}_active": s.active[p] for p in POOLS}}
-                           for s in res.samples]  # fmt: skip
+    out["real"] = real_sum
+    out["sim"], out["sim_spread"] = median_of([r.summary for r in runs])
+    out["error"] = errors(real_sum, out["sim"])
+    out["sim_timeline"] = [{"t": t, **{f"{p}_active": timelines[p][i][1] for p in POOLS}}
+                           for i, (t, _) in enumerate(timelines[POOLS[0]])]  # fmt: skip
     return out
+
+
+def median_timelines(runs: list[SimResult]) -> dict[str, list[tuple[float, int]]]:
+    """Each pool's active workers at each sample time, the median over the simulations
+    (each with its own draw of the steps' scatter; they sample at the same times)."""
+    n = min(len(r.samples) for r in runs)
+    return {pool: [(runs[0].samples[i].t,
+                    int(statistics.median_low(r.samples[i].active[pool] for r in runs)))
+                   for i in range(n)] for pool in POOLS}  # fmt: skip
 
 
 def format_ramp(r: dict) -> str:

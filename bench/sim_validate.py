@@ -39,13 +39,14 @@ from typing import Any
 
 from bench.sim_calibrate import (
     MODES,
+    NOISE_DRAWS,
     calibrate,
     calibrated,
     drifted,
     median_drift,
     run_real,
     run_steps_dir,
-    simulate_mode,
+    simulate_draws,
     step_drift,
     steps_dir,
 )
@@ -60,7 +61,7 @@ from bench.sim_loads import (
 )
 from engine.errors import SplitServeError
 from sim.cost import FittedCost
-from sim.report import errors, summarize
+from sim.report import errors, median_of, summarize
 
 RESULTS = Path("bench/results")
 
@@ -81,6 +82,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="real runs per workload and mode; a figure is their median")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "sim_validate.json")
+    p.add_argument("--scatter", action="store_true",
+                   help="fit how the calibration's steps scatter about the model and how "
+                   "long a slow stretch lasts (sim.noise), and simulate with it: each figure "
+                   f"the median of {NOISE_DRAWS} draws")  # fmt: skip
     p.add_argument(
         "--recalibrate",
         action="store_true",
@@ -99,22 +104,14 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
     out = json.loads(args.out.read_text())
     slo = (args.ttft_ms / 1000, args.tpot_ms / 1000)
     out["slo_ms"] = [args.ttft_ms, args.tpot_ms]
+    out["scatter"] = args.scatter
     costs = {}
     for mode, cal in list(out["calibration"].items()):
         load = cal.get("load", CALIBRATION)  # older files: the two scaled phases only
         costs[mode], out["calibration"][mode] = calibrated(
             base, mode, cal["real_rows"], steps_dir(args.out, mode), args, load
         )
-        hops = costs[mode].hops
-        print(f"{mode}: host_share {costs[mode].host_share:.3f} (beside a prefill "
-              f"{costs[mode].share_beside_prefill:.3f}), router_s "
-              f"{hops.router_s:.4f}, busy {hops.routing_s(True):.4f}")  # fmt: skip
-        scatter = out["calibration"][mode]["persistence"]
-        if scatter is not None:
-            print(f"{mode}: decode steps / model cv {scatter['cv']:.3f}, autocorrelation "
-                  f"{scatter['lag1']:.2f} (1 step) {scatter['lag10']:.2f} (10), 100-step "
-                  f"means cv {scatter['window_cv']:.3f} (independent steps: "
-                  f"{scatter['independent_window_cv']:.3f})")  # fmt: skip
+        _print_calibration(mode, costs[mode], out["calibration"][mode])
     for e in out["runs"]:
         reqs = requests_of(WORKLOADS[e["workload"]], args.seed, args.scale)
         runs = e.get("real_rows_runs") or [e["real_rows"]]  # "real_rows": one run, older files
@@ -128,6 +125,26 @@ def rescore(args: argparse.Namespace, base: FittedCost) -> dict[str, Any]:
 
         out["ramp"] = compare_ramp(costs["disaggregated"], args.ramp)
     return out
+
+
+def _print_calibration(mode: str, cost: FittedCost, cal: dict) -> None:
+    """What the calibration found: the host's contention, the fixed costs, how the steps
+    scatter about the model."""
+    hops = cost.hops
+    print(f"{mode}: host_share {cost.host_share:.3f} (beside a prefill "
+          f"{cost.share_beside_prefill:.3f}), router_s "
+          f"{hops.router_s:.4f}, busy {hops.routing_s(True):.4f}")  # fmt: skip
+    noise = cost.noise
+    if noise is not None:
+        lasting = ", ".join(f"{sd:.3f} over {tau:g} s" for sd, tau in noise.components)
+        print(f"{mode}: steps scatter (log sd) {noise.white:.3f} per step, {lasting}; "
+              f"prefill steps {noise.prefill_white or 0:.3f} per step")  # fmt: skip
+    scatter = cal["persistence"]
+    if scatter is not None:
+        print(f"{mode}: decode steps / model cv {scatter['cv']:.3f}, autocorrelation "
+              f"{scatter['lag1']:.2f} (1 step) {scatter['lag10']:.2f} (10), 100-step "
+              f"means cv {scatter['window_cv']:.3f} (independent steps: "
+              f"{scatter['independent_window_cv']:.3f})")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         return _report(args, rescore(args, base))
     slo = (args.ttft_ms / 1000, args.tpot_ms / 1000)
     out: dict[str, Any] = {"cost": str(args.cost), "slo_ms": [args.ttft_ms, args.tpot_ms],
-                           "rate_scale": args.scale, "calibration": {}, "runs": []}  # fmt: skip
+                           "rate_scale": args.scale, "calibration": {}, "runs": [],
+                           "scatter": args.scatter}  # fmt: skip
     fitted: dict[str, FittedCost] = {}
     for mode in args.modes:
         cost, cal = calibrate(base, mode, args)
@@ -185,11 +203,11 @@ def score(e: dict, cost: FittedCost, reqs: list, args: argparse.Namespace) -> No
     "error") and with it scaled by the real runs' own step drift ("sim_drifted",
     "error_drifted": the error the machine's drift since the calibration leaves out)."""
     mode = e["mode"]
-    e["sim"] = simulate_mode(cost, mode, reqs, args.seed, args).summary
+    e["sim"], e["sim_spread"] = simulate_draws(cost, mode, reqs, args.seed, args)
     e["error"] = errors(e["real"], e["sim"])
     corrected = drifted(cost, e.get("step_drift") or [])
     if corrected is not None:
-        e["sim_drifted"] = simulate_mode(corrected, mode, reqs, args.seed, args).summary
+        e["sim_drifted"], _ = simulate_draws(corrected, mode, reqs, args.seed, args)
         e["error_drifted"] = errors(e["real"], e["sim_drifted"])
 
 
@@ -207,14 +225,7 @@ def _scale(args: argparse.Namespace, base: FittedCost, scale: float | None) -> f
 
 def median_summary(runs: list[list[dict]], slo: tuple[float, float]) -> tuple[dict, dict]:
     """Each figure's median over the real runs, and its spread: (max - min) / median."""
-    sums = [summarize(rows, *slo) for rows in runs]
-    real, spread = dict(sums[0]), {}
-    for k in real:
-        vals = [v[k] for v in sums if v.get(k) is not None]
-        if vals and isinstance(real[k], int | float):
-            real[k] = statistics.median(vals)
-            spread[k] = (max(vals) - min(vals)) / real[k] if real[k] else None
-    return real, spread
+    return median_of([summarize(rows, *slo) for rows in runs])
 
 
 def _report(args: argparse.Namespace, out: dict[str, Any]) -> int:

@@ -43,6 +43,7 @@ from router.routing import (
 )
 from sim.clock import Clock
 from sim.cost import CostModel
+from sim.noise import NoiseTrack
 from sim.request import ClusterConfig, Record  # re-exported: callers import them here
 from sim.worker import Event, Role, SimWorker, State, new_sequence
 from sim.workload import SimRequest
@@ -95,10 +96,15 @@ class Cluster(Clock):
 
     # ---- the fleet ---------------------------------------------------------------------
     def add_worker(self, role: Role, start_s: float | None = None) -> SimWorker:
-        w = SimWorker(f"{role.value}-{next(self._names)}", role, self.sched, self.cost,
+        n = next(self._names)
+        w = SimWorker(f"{role.value}-{n}", role, self.sched, self.cost,
                       self.at, self._on_events,
                       self.config.max_tpot_ms if role is Role.DECODE else None,
                       self.config.coalesce)  # fmt: skip
+        noise = getattr(self.cost, "noise", None)
+        if noise is not None:  # each worker its own slowness, from the run's seed
+            cfg = self.config
+            w.noise = NoiseTrack(noise, (cfg.seed * 1009 + cfg.noise_seed) * 2003 + 2 * n)
         self.workers[role].append(w)
         self.peak_workers = max(self.peak_workers, sum(len(ws) for ws in self.workers.values()))
         if self.config.shared_host:

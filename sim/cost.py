@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from engine.errors import InvalidRequestError
 from sim import hardware
+from sim.noise import StepNoise
 
 TERMS = ("fixed", "prefill_step", "prefill_tokens", "prefill_ctx", "decode_seqs", "decode_ctx")
 KNEES = (0, 2, 4, 6, 8, 12, 16)  # the decode knees `fit_knee` tries
@@ -96,6 +97,9 @@ class FittedCost:
     # Here a decode step lost ~16% to the other worker's decode step (both stream the
     # weights) and ~5% to a colocated worker's prefill (two colocated calibrations, 2026-12-07).
     host_share_prefill: float | None = None
+    # How the real steps scatter about this model, and how long a slow stretch lasts
+    # (sim.noise; bench.sim_steps.fit_noise). None: every step takes the model's time.
+    noise: StepNoise | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.coef) - set(TERMS)
@@ -137,7 +141,8 @@ class FittedCost:
                 "hops": asdict(self.hops), "host_share": self.host_share,
                 "host_slots": self.host_slots, "source": self.source,
                 "decode_knee": self.decode_knee,
-                "host_share_prefill": self.host_share_prefill}  # fmt: skip
+                "host_share_prefill": self.host_share_prefill,
+                "noise": None if self.noise is None else self.noise.to_json()}  # fmt: skip
 
     @staticmethod
     def load(path: Path) -> FittedCost:
@@ -153,7 +158,8 @@ class FittedCost:
                               int(data.get("layers", 1)), hops,
                               float(data.get("host_share", 1.0)), int(data.get("host_slots", 2)),
                               data.get("source", ""), int(data.get("decode_knee", 0)),
-                              None if on_prefill is None else float(on_prefill))  # fmt: skip
+                              None if on_prefill is None else float(on_prefill),
+                              StepNoise.from_json(data.get("noise")))  # fmt: skip
         except OSError as exc:
             raise InvalidRequestError(f"cannot read cost model {path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError) as exc:

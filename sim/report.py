@@ -9,6 +9,7 @@ that succeeded within both SLO targets, per second from the first arrival to the
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,18 @@ def summarize(rows: Iterable[Mapping[str, Any]], ttft_s: float, tpot_s: float) -
     out["goodput_rps"] = met / span if span > 0 else 0.0
     out["throughput_rps"] = len(ok) / span if span > 0 else 0.0
     return out
+
+
+def median_of(sums: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each figure's median over several runs' summaries, and its spread: (max - min) /
+    median (None where the median is 0)."""
+    out, spread = dict(sums[0]), {}
+    for k in out:
+        vals = [v[k] for v in sums if v.get(k) is not None]
+        if vals and isinstance(out[k], int | float):
+            out[k] = statistics.median(vals)
+            spread[k] = (max(vals) - min(vals)) / out[k] if out[k] else None
+    return out, spread
 
 
 COMPARED = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "goodput_rps")

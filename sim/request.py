@@ -26,6 +26,7 @@ class ClusterConfig:
     coalesce: bool = True  # runs of decode steps booked as one event (sim.worker)
     shared_host: bool = False  # every worker on one host (this CPU machine): cost.host_factor
     seed: int = 0
+    noise_seed: int = 0  # the workers' step scatter (cost.noise), apart from the workload's
 
 
 @dataclass(slots=True, eq=False)

@@ -27,6 +27,7 @@ from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Schedu
 from engine.sequence import FinishReason, Sequence
 from engine.tpot_governor import TpotGovernor
 from sim.cost import CostModel
+from sim.noise import NoiseTrack
 
 TOKEN = 2  # every sampled token's id (lengths, not text, are simulated)
 
@@ -66,9 +67,12 @@ class _Run:
     version: int
     need: int = 0  # blocks its later steps will still take (grown at its end)
     prefill: bool = False  # its step holds prompt tokens (cost.host_factor's prefilling)
+    ends: list[float] | None = None  # each step's end from the start, where steps scatter
 
     def end(self, j: int) -> float:
         """Time from the start to the end of step j (1-based)."""
+        if self.ends is not None:
+            return self.ends[j - 1] if j > 0 else 0.0
         if self.steps <= 1:
             return j * self.first_s
         slope = (self.last_s - self.first_s) / (self.steps - 1)
@@ -113,6 +117,7 @@ class SimWorker:
     run: _Run | None = None
     host: list[SimWorker] | None = None  # the workers sharing this one's host (CPU)
     known_free: int = 0  # the router's view of its free blocks (router.workers.Worker)
+    noise: NoiseTrack | None = None  # its steps' scatter about the cost model (sim.noise)
     _version: int = 0
 
     def __post_init__(self) -> None:
@@ -168,10 +173,23 @@ class SimWorker:
         k = self._run_length(out) if pt == 0 else 1
         last = slow * self.cost.step_s(0, 0.0, ds, dc + (k - 1) * ds) if k > 1 else first
         self._version += 1
-        self.run = _Run(out, now, k, first, last, self._version, prefill=pt > 0)
+        ends = None if self.noise is None else self._scattered(now, k, first, last, pt > 0)
+        self.run = _Run(out, now, k, first, last, self._version, prefill=pt > 0, ends=ends)
         if k > 1:
             self.run.need = self._blocks_for(out, k)
         self.at(now + self.run.end(k), self._done, self._version)
+
+    def _scattered(self, now: float, k: int, first: float, last: float,
+                   prefill: bool) -> list[float]:  # fmt: skip
+        """The ends of k steps timed first .. last by the model, each scaled by the
+        worker's slowness over its span (sim.noise)."""
+        assert self.noise is not None
+        t, ends, slope = 0.0, [], (last - first) / (k - 1) if k > 1 else 0.0
+        for j in range(k):
+            span = first + slope * j
+            t += span * self.noise.factor(now + t, span, prefill)
+            ends.append(t)
+        return ends
 
     def _run_length(self, out: SchedulerOutput) -> int:
         s, cfg = self.scheduler, self.config

@@ -3,6 +3,8 @@ what it reports follows from them, and from its cost model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import router.routing as routing
@@ -10,6 +12,7 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from router.admission import AdmissionLimits
 from sim.cluster import Cluster, ClusterConfig
 from sim.cost import FittedCost, Hops
+from sim.noise import StepNoise
 from sim.simulate import simulate
 from sim.workload import SimRequest, generate, parse_length, poisson_times
 
@@ -55,15 +58,18 @@ def _state(w) -> tuple:
 
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
 @pytest.mark.parametrize("blocks", [2000, 45])  # 45: runs cut short for blocks, preemptions
-def test_runs_of_decode_steps_match_single_steps(mode, blocks):
+@pytest.mark.parametrize("scatter", [None, StepNoise(0.0, ((0.1, 0.05), (0.1, 1.0)))])
+def test_runs_of_decode_steps_match_single_steps(mode, blocks, scatter):
     """Booking k decode steps as one event gives the same timings as k events, and leaves
-    the scheduler as k steps do: the state of a request's worker as it ends is the same."""
+    the scheduler as k steps do: the state of a request's worker as it ends is the same.
+    So too where the steps scatter over lasting stretches of slowness (sim.noise): each
+    worker's slowness is one function of time, however its steps are booked."""
     reqs = workload(rate=15.0, output="20-120")
     sched = SchedulerConfig(num_blocks=blocks, max_num_seqs=16)
     results = []
     for coalesce in (True, False):
         cfg = ClusterConfig(mode=mode, prefill=1, decode=2, scheduler=sched, coalesce=coalesce)
-        c = Cluster(cfg, cost(num_blocks=blocks))
+        c = Cluster(cfg, dataclasses.replace(cost(num_blocks=blocks), noise=scatter))
         states: list = []
         c.listeners.append(
             lambda rec, states=states: states.append(rec.decode and _state(rec.decode))
