@@ -1,0 +1,158 @@
+"""The simulator's host model (sim.cost.FittedCost.host_factor) against what the workers'
+logged steps show when several share this machine, and where the host's CPU goes.
+
+    python -m bench.sim_host steps CAL_DIR RUN_DIR [--split 60,210]
+        every step a run's workers logged (SPLITSERVE_STEP_LOG=RUN_DIR), grouped by kind
+        and by how many other workers stepped beside it (rounded mean over the step), and
+        optionally by phase (seconds from the first step): its real time over the model
+        fitted to CAL_DIR's steps (no contention), against the host factor the simulator
+        would give that step
+    python -m bench.sim_host cpu --rate 5 --seconds 60
+        a real server (one prefill, one decode worker) under a Poisson load of 64-token
+        prompts and 128 output tokens: CPU seconds per process group over the load
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench.sim_steps import GAP_S, fit_logged
+from sim.cost import FittedCost
+
+
+def _load(directory: Path) -> list[list[list]]:
+    procs = []
+    for path in sorted(Path(directory).glob("steps-*.jsonl")):
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        procs.append(sorted(steps, key=lambda s: s[4]))
+    return procs
+
+
+def _beside(others: list[list[list]], starts: list[list[float]], a: float, b: float):
+    """How many other workers stepped during [a, b] (each one's fraction of it, summed), and
+    how many on steps holding prompt tokens."""
+    n = pre = 0.0
+    for steps, st in zip(others, starts, strict=True):
+        busy = on_prefill = 0.0
+        for o in steps[bisect.bisect_left(st, a - 5.0) : bisect.bisect_right(st, b)]:
+            shared = min(o[4] + o[5], b) - max(o[4], a)
+            if shared > 0:
+                busy += shared
+                on_prefill += shared if o[0] else 0.0
+        n, pre = n + min(1.0, busy / (b - a)), pre + min(1.0, on_prefill / (b - a))
+    return n, pre
+
+
+def by_neighbours(cost: FittedCost, run: Path, split: list[float]) -> dict[tuple, list]:
+    """(kind, others beside it, phase) -> [(real / modelled alone, the simulator's host
+    factor), ...] over every step logged under `run` (timed start to start when back to
+    back, as bench.sim_steps.logged_steps does)."""
+    procs = _load(run)
+    t0 = min((p[0][4] for p in procs if p), default=0.0)
+    out: dict[tuple, list] = defaultdict(list)
+    for i, steps in enumerate(procs):
+        others = [p for j, p in enumerate(procs) if j != i]
+        starts = [[s[4] for s in p] for p in others]
+        for cur, nxt in zip(steps, [*steps[1:], None], strict=True):
+            sec = cur[5]
+            if nxt is not None and nxt[4] - (cur[4] + cur[5]) < GAP_S:
+                sec = nxt[4] - cur[4]
+            if sec <= 0:
+                continue
+            n, pre = _beside(others, starts, cur[4], cur[4] + sec)
+            k = round(n)
+            phase = bisect.bisect_right(split, cur[4] - t0)
+            out[("prefill" if cur[0] else "decode", k, phase)].append(
+                (sec / cost.step_s(*cur[:4]), cost.host_factor(1 + k, min(k, round(pre))))
+            )
+    return out
+
+
+def _steps(args: argparse.Namespace) -> None:
+    cost, _ = fit_logged(args.calibration, FittedCost({}, 1), f"steps under {args.calibration}")
+    print(f"calibration: host_share {cost.host_share:.3f}, beside a prefill "
+          f"{cost.share_beside_prefill:.3f}, host_slots {cost.host_slots}")  # fmt: skip
+    print("| step | others stepping | phase | steps | real / modelled alone (p50) | simulator |")
+    print("|---|---|---|---|---|---|")
+    for (kind, k, phase), v in sorted(by_neighbours(cost, args.run, args.split).items()):
+        real = statistics.median(r for r, _ in v)
+        sim = statistics.median(s for _, s in v)
+        print(f"| {kind} | {k} | {phase} | {len(v)} | {real:.3f} | {sim:.3f} |")
+
+
+def group(cmd: str, pid: int) -> str:
+    """Which part of a served load a process is, by its command line."""
+    if pid == os.getpid():
+        return "client (this load)"
+    if "splitserve serve" in cmd:
+        return "router"
+    for actor in ("PrefillWorker", "DecodeWorker", "ColocatedWorker"):
+        if f"ray::{actor}" in cmd:
+            return actor
+    if "ray::" in cmd:
+        return "other Ray actors"
+    if any(k in cmd for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "/ray/")):
+        return "Ray's own processes"
+    return "other"
+
+
+def _cpu_seconds() -> dict[int, tuple[float, str]]:
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        out[int(pid)] = ((int(stat[11]) + int(stat[12])) / tick, cmd)
+    return out
+
+
+def _cpu(args: argparse.Namespace) -> None:
+    from bench.autoscale_bench import drive
+    from bench.server_process import ServerProcess
+    from sim.workload import SimRequest, poisson_times
+
+    reqs = [SimRequest(t, 64, 128) for t in poisson_times([(args.seconds, args.rate)], 1)]
+    with ServerProcess("--prefill", "1", "--decode", "1") as srv:
+        asyncio.run(drive(srv.base, [SimRequest(0.0, 16, 4)], 0))  # warm-up
+        before, t0 = _cpu_seconds(), time.monotonic()
+        records = asyncio.run(drive(srv.base, reqs, 1))
+        after, wall = _cpu_seconds(), time.monotonic() - t0
+    groups: dict[str, float] = defaultdict(float)
+    for pid, (cpu, cmd) in after.items():
+        groups[group(cmd, pid)] += cpu - before.get(pid, (0.0, cmd))[0]
+    ok = sum(not r.get("error") for r in records)
+    print(f"{args.rate} req/s for {args.seconds:.0f} s: {ok} of {len(records)} served, "
+          f"{wall:.0f} s")  # fmt: skip
+    for name, cpu in sorted(groups.items(), key=lambda g: -g[1]):
+        print(f"  {name:22s} {cpu:6.1f} CPU-s  {cpu / wall:.2f} cores")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sim_host", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("steps", help="logged steps against the simulator's host factor")
+    s.add_argument("calibration", type=Path)
+    s.add_argument("run", type=Path)
+    s.add_argument("--split", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                   help="phase boundaries, seconds from the run's first step")  # fmt: skip
+    c = sub.add_parser("cpu", help="CPU per process group under a real load")
+    c.add_argument("--rate", type=float, default=5.0)
+    c.add_argument("--seconds", type=float, default=60.0)
+    args = p.parse_args(argv)
+    (_steps if args.what == "steps" else _cpu)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
