@@ -17,62 +17,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import json
 import os
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.sim_steps import GAP_S, fit_logged
+from bench.sim_steps import fit_logged, logged_steps
 from sim.cost import FittedCost
 
 
-def _load(directory: Path) -> list[list[list]]:
-    procs = []
-    for path in sorted(Path(directory).glob("steps-*.jsonl")):
-        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        procs.append(sorted(steps, key=lambda s: s[4]))
-    return procs
-
-
-def _beside(others: list[list[list]], starts: list[list[float]], a: float, b: float):
-    """How many other workers stepped during [a, b] (each one's fraction of it, summed), and
-    how many on steps holding prompt tokens."""
-    n = pre = 0.0
-    for steps, st in zip(others, starts, strict=True):
-        busy = on_prefill = 0.0
-        for o in steps[bisect.bisect_left(st, a - 5.0) : bisect.bisect_right(st, b)]:
-            shared = min(o[4] + o[5], b) - max(o[4], a)
-            if shared > 0:
-                busy += shared
-                on_prefill += shared if o[0] else 0.0
-        n, pre = n + min(1.0, busy / (b - a)), pre + min(1.0, on_prefill / (b - a))
-    return n, pre
-
-
 def by_neighbours(cost: FittedCost, run: Path, split: list[float]) -> dict[tuple, list]:
-    """(kind, others beside it, phase) -> [(real / modelled alone, the simulator's host
-    factor), ...] over every step logged under `run` (timed start to start when back to
-    back, as bench.sim_steps.logged_steps does)."""
-    procs = _load(run)
-    t0 = min((p[0][4] for p in procs if p), default=0.0)
+    """(kind, other workers stepping beside it, phase) -> [(real / modelled alone, the
+    simulator's host factor), ...] over every step logged under `run` (as
+    bench.sim_steps.logged_steps times them)."""
+    rows = logged_steps(run)
+    t0 = min((r.start for r in rows), default=0.0)
     out: dict[tuple, list] = defaultdict(list)
-    for i, steps in enumerate(procs):
-        others = [p for j, p in enumerate(procs) if j != i]
-        starts = [[s[4] for s in p] for p in others]
-        for cur, nxt in zip(steps, [*steps[1:], None], strict=True):
-            sec = cur[5]
-            if nxt is not None and nxt[4] - (cur[4] + cur[5]) < GAP_S:
-                sec = nxt[4] - cur[4]
-            if sec <= 0:
-                continue
-            n, pre = _beside(others, starts, cur[4], cur[4] + sec)
-            k = round(n)
-            phase = bisect.bisect_right(split, cur[4] - t0)
-            out[("prefill" if cur[0] else "decode", k, phase)].append(
-                (sec / cost.step_s(*cur[:4]), cost.host_factor(1 + k, min(k, round(pre))))
-            )
+    for r in rows:
+        k = round(r.beside)
+        phase = bisect.bisect_right(split, r.start - t0)
+        out[("prefill" if r.features[0] else "decode", k, phase)].append(
+            (r.seconds / cost.step_s(*r.features),
+             cost.host_factor(1 + k, min(k, round(r.beside_prefill))))
+        )  # fmt: skip
     return out
 
 

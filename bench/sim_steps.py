@@ -28,19 +28,23 @@ MIN_PREFILL_STEPS = 30  # steps with prompt tokens before theirs is
 
 
 class Logged(NamedTuple):
-    """One logged step: its features, seconds, overlaps (`_overlap`), start and worker."""
+    """One logged step: its features, seconds, overlaps and the workers beside it
+    (`_overlap`), start and worker."""
 
     features: tuple
     seconds: float
     overlap: float
     prefill_overlap: float
+    beside: float = 0.0
+    beside_prefill: float = 0.0
     start: float = 0.0
     worker: int = 0
 
 
-def _overlap(others: list[list], start: float, end: float) -> tuple[float, float]:
+def _overlap(others: list[list], start: float, end: float) -> tuple[float, float, float, float]:
     """The fractions of [start, end] during which another worker of the host was stepping,
-    and was on a step holding prompt tokens."""
+    and was on a step holding prompt tokens; and how many other workers stepped (each
+    one's fraction of it, summed), and how many on prompt tokens."""
     busy = prefill = 0.0
     for o in others:
         s, e = o[4], o[4] + o[5]
@@ -49,7 +53,19 @@ def _overlap(others: list[list], start: float, end: float) -> tuple[float, float
             busy += shared
             prefill += shared if o[0] else 0.0
     span = end - start
-    return (min(1.0, busy / span), min(1.0, prefill / span)) if span > 0 else (0.0, 0.0)
+    if span <= 0:
+        return 0.0, 0.0, 0.0, 0.0
+    return min(1.0, busy / span), min(1.0, prefill / span), busy / span, prefill / span
+
+
+def read_logs(directory: Path) -> list[list[list]]:
+    """Each worker's logged steps ([prompt tokens, their context, decoding sequences, their
+    context, start, seconds]) in start order."""
+    procs = []
+    for path in sorted(Path(directory).glob("steps-*.jsonl")):
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        procs.append(sorted(steps, key=lambda s: s[4]))
+    return procs
 
 
 def logged_steps(directory: Path) -> list[Logged]:
@@ -59,10 +75,7 @@ def logged_steps(directory: Path) -> list[Logged]:
     simulated clock. overlap: the fraction of it another worker of the host spent stepping
     too; prefill overlap: the part of that on steps holding prompt tokens. Empty: nothing
     logged there."""
-    procs = []
-    for path in sorted(Path(directory).glob("steps-*.jsonl")):
-        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        procs.append(sorted(steps, key=lambda s: s[4]))
+    procs = read_logs(directory)
     rows: list[Logged] = []
     for i, steps in enumerate(procs):
         others = sorted((s for j, p in enumerate(procs) if j != i for s in p), key=lambda s: s[4])

@@ -73,7 +73,7 @@ def _logged(noise: StepNoise, seconds: float = 600.0) -> list[Logged]:
         f = (512, 0.0, 0, 0) if int(t / 5) > int((t - 0.03) / 5) else (0, 0.0, 4, 256)
         span = COST.step_s(*f)
         dt = span * track.factor(t, span, prefill=bool(f[0]))
-        rows.append(Logged(f, dt, 0.0, 0.0, t, 0))
+        rows.append(Logged(f, dt, 0.0, 0.0, start=t))
         t += dt
     return rows
 
