@@ -7,6 +7,10 @@ logged steps show when several share this machine, and where the host's CPU goes
         optionally by phase (seconds from the first step): its real time over the model
         fitted to CAL_DIR's steps (no contention), against the host factor the simulator
         would give that step
+    python -m bench.sim_host pairs CAL_DIR
+        the decode steps logged under CAL_DIR that ran beside another worker's decode steps
+        throughout, grouped by their own batch and the largest batch beside them (powers of
+        two): real time over the model fitted to those steps, alone
     python -m bench.sim_host cpu --rate 5 --seconds 60
         a real server (one prefill, one decode worker) under a Poisson load of 64-token
         prompts and 128 output tokens: CPU seconds per process group over the load
@@ -23,8 +27,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.sim_steps import fit_logged, logged_steps
+from bench.sim_steps import fit_logged, logged_steps, read_logs
 from sim.cost import FittedCost
+
+MIN_GROUP = 10  # steps in a group before `pairs` prints it
 
 
 def by_neighbours(cost: FittedCost, run: Path, split: list[float]) -> dict[tuple, list]:
@@ -54,6 +60,41 @@ def _steps(args: argparse.Namespace) -> None:
         real = statistics.median(r for r, _ in v)
         sim = statistics.median(s for _, s in v)
         print(f"| {kind} | {k} | {phase} | {len(v)} | {real:.3f} | {sim:.3f} |")
+
+
+def _bucket(n: int) -> int:
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def pairs(cost: FittedCost, directory: Path) -> dict[tuple[int, int], list[float]]:
+    """(own batch, largest batch beside it; powers of two) -> real / modelled alone, over
+    the decode steps that ran beside other workers' decode steps nine tenths or more."""
+    procs = read_logs(directory)
+    starts = [[s[4] for s in p] for p in procs]
+    out: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for r in logged_steps(directory):
+        if r.features[0] or not r.features[2] or r.overlap - r.prefill_overlap < 0.9:
+            continue
+        end, beside = r.start + r.seconds, []
+        for j, (p, st) in enumerate(zip(procs, starts, strict=True)):
+            if j != r.worker:
+                hi = bisect.bisect_right(st, end)
+                lo = bisect.bisect_left(st, r.start - 5.0)
+                beside += [o[2] for o in p[lo:hi] if o[4] + o[5] > r.start and not o[0]]
+        if beside:
+            key = (_bucket(r.features[2]), _bucket(max(beside)))
+            out[key].append(r.seconds / cost.step_s(*r.features))
+    return out
+
+
+def _pairs(args: argparse.Namespace) -> None:
+    cost, _ = fit_logged(args.calibration, FittedCost({}, 1), f"steps under {args.calibration}")
+    print(f"host_share {cost.host_share:.3f}")
+    print("| own batch up to | beside a batch up to | steps | real / modelled alone (p50) |")
+    print("|---|---|---|---|")
+    for (own, other), v in sorted(pairs(cost, args.calibration).items()):
+        if len(v) >= MIN_GROUP:
+            print(f"| {own} | {other} | {len(v)} | {statistics.median(v):.3f} |")
 
 
 def group(cmd: str, pid: int) -> str:
@@ -114,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run", type=Path)
     s.add_argument("--split", type=lambda v: [float(x) for x in v.split(",")], default=[],
                    help="phase boundaries, seconds from the run's first step")  # fmt: skip
+    pa = sub.add_parser("pairs", help="decode steps by their batch and the one beside them")
+    pa.add_argument("calibration", type=Path)
     c = sub.add_parser("cpu", help="CPU per process group under a real load")
     c.add_argument("--rate", type=float, default=5.0)
     c.add_argument("--seconds", type=float, default=60.0)
     args = p.parse_args(argv)
-    (_steps if args.what == "steps" else _cpu)(args)
+    {"steps": _steps, "pairs": _pairs, "cpu": _cpu}[args.what](args)
     return 0
 
 

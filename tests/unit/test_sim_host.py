@@ -50,3 +50,18 @@ def test_processes_are_told_apart_by_their_command_lines():
     assert sim_host.group("ray::DecodeWorker.step", 2) == "DecodeWorker"
     assert sim_host.group("ray::IDLE", 3) == "other Ray actors"
     assert sim_host.group("/x/ray/core/src/ray/raylet/raylet --x", 4) == "Ray's own processes"
+
+
+def test_decode_steps_are_grouped_by_their_batch_and_the_batch_beside_them(tmp_path):
+    """A steps 4 sequences 1.25x slower beside B's 32; its steps after B stops are alone
+    and not counted; B's own steps are beside A's 4."""
+    cost = FittedCost({"fixed": 0.1}, 1)
+    a = [[0, 0.0, 4, 40, 0.125 * i, 0.125] for i in range(8)]  # 1 s beside B
+    a += [[0, 0.0, 4, 40, 1.0 + 0.1 * i, 0.1] for i in range(5)]  # then alone
+    b = [[0, 0.0, 32, 320, 0.0, 0.5], [0, 0.0, 32, 320, 0.5, 0.5]]
+    _write(tmp_path / "steps-a.jsonl", a)
+    _write(tmp_path / "steps-b.jsonl", b)
+    groups = sim_host.pairs(cost, tmp_path)
+    assert sorted(groups) == [(4, 32), (32, 4)]
+    assert groups[(4, 32)] == pytest.approx([1.25] * 8)
+    assert groups[(32, 4)] == pytest.approx([5.0, 5.0])
