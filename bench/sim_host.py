@@ -11,9 +11,10 @@ logged steps show when several share this machine, and where the host's CPU goes
         the decode steps logged under CAL_DIR that ran beside another worker's decode steps
         throughout, grouped by their own batch and the largest batch beside them (powers of
         two): real time over the model fitted to those steps, alone
-    python -m bench.sim_host cpu --rate 5 --seconds 60
-        a real server (one prefill, one decode worker) under a Poisson load of 64-token
-        prompts and 128 output tokens: CPU seconds per process group over the load
+    python -m bench.sim_host cpu --rate 5 --seconds 60 [--colocated]
+        a real server (one prefill, one decode worker; or two colocated) under a Poisson
+        load of 64-token prompts and 128 output tokens: CPU seconds per process group over
+        the load (with SPLITSERVE_STEP_LOG=DIR set, its workers log their steps there)
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def _cpu(args: argparse.Namespace) -> None:
     from sim.workload import SimRequest, poisson_times
 
     reqs = [SimRequest(t, 64, 128) for t in poisson_times([(args.seconds, args.rate)], 1)]
-    with ServerProcess("--prefill", "1", "--decode", "1") as srv:
+    mode = ["--mode", "colocated"] if args.colocated else []
+    with ServerProcess(*mode, "--prefill", "1", "--decode", "1") as srv:
         asyncio.run(drive(srv.base, [SimRequest(0.0, 16, 4)], 0))  # warm-up
         before, t0 = _cpu_seconds(), time.monotonic()
         records = asyncio.run(drive(srv.base, reqs, 1))
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cpu", help="CPU per process group under a real load")
     c.add_argument("--rate", type=float, default=5.0)
     c.add_argument("--seconds", type=float, default=60.0)
+    c.add_argument("--colocated", action="store_true", help="two colocated workers")
     args = p.parse_args(argv)
     {"steps": _steps, "pairs": _pairs, "cpu": _cpu}[args.what](args)
     return 0
