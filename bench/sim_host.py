@@ -7,10 +7,10 @@ logged steps show when several share this machine, and where the host's CPU goes
         optionally by phase (seconds from the first step): its real time over the model
         fitted to CAL_DIR's steps (no contention), against the host factor the simulator
         would give that step
-    python -m bench.sim_host pairs CAL_DIR
-        the decode steps logged under CAL_DIR that ran beside another worker's decode steps
-        throughout, grouped by their own batch and the largest batch beside them (powers of
-        two): real time over the model fitted to those steps, alone
+    python -m bench.sim_host pairs CAL_DIR [RUN_DIR]
+        the decode steps logged under RUN_DIR (default CAL_DIR) that ran beside another
+        worker's decode steps throughout, grouped by their own batch and the largest batch
+        beside them (powers of two): real time over the model fitted to CAL_DIR, alone
     python -m bench.sim_host cpu --rate 5 --seconds 60 [--colocated]
         a real server (one prefill, one decode worker; or two colocated) under a Poisson
         load of 64-token prompts and 128 output tokens: CPU seconds per process group over
@@ -93,7 +93,7 @@ def _pairs(args: argparse.Namespace) -> None:
     print(f"host_share {cost.host_share:.3f}")
     print("| own batch up to | beside a batch up to | steps | real / modelled alone (p50) |")
     print("|---|---|---|---|")
-    for (own, other), v in sorted(pairs(cost, args.calibration).items()):
+    for (own, other), v in sorted(pairs(cost, args.run or args.calibration).items()):
         if len(v) >= MIN_GROUP:
             print(f"| {own} | {other} | {len(v)} | {statistics.median(v):.3f} |")
 
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="phase boundaries, seconds from the run's first step")  # fmt: skip
     pa = sub.add_parser("pairs", help="decode steps by their batch and the one beside them")
     pa.add_argument("calibration", type=Path)
+    pa.add_argument("run", type=Path, nargs="?", default=None)
     c = sub.add_parser("cpu", help="CPU per process group under a real load")
     c.add_argument("--rate", type=float, default=5.0)
     c.add_argument("--seconds", type=float, default=60.0)

@@ -114,11 +114,15 @@ class Cluster(Clock):
         if delay > 0:
             w.state = State.STARTING
             self.at(self.now + delay, self._activate, w)
+            if w.host is not None:  # its start-up loads the host (SimWorker._start)
+                w.host_changed(self.now)
         return w
 
     def _activate(self, now: float, w: SimWorker) -> None:
         if w.state is State.STARTING:
             w.state = State.ACTIVE  # the line's head finds it at its next try
+            if w.host is not None:
+                w.host_changed(now)
 
     def drain(self, w: SimWorker) -> None:
         """No new requests; gone when the last one in flight ends (a starting one: at once)."""

@@ -167,8 +167,13 @@ class SimWorker:
         slow = 1.0
         if self.host is not None:
             busy = [w.run for w in self.host if w.run is not None]
-            slow = self.cost.host_factor(1 + len(busy), sum(r.prefill for r in busy))
-            self._neighbours_changed(now)
+            # a worker starting up (loading the model, profiling its steps) takes the host's
+            # cores as a worker on prompt tokens does: the 5 req/s ramp's steps ran 1.1-1.6x
+            # the host factor while one started, and ~1.0x otherwise (bench.sim_host)
+            starting = sum(w.state is State.STARTING for w in self.host)
+            slow = self.cost.host_factor(1 + len(busy) + starting,
+                                         sum(r.prefill for r in busy) + starting)  # fmt: skip
+            self.host_changed(now)
         first = slow * self.cost.step_s(pt, pc, ds, dc)
         k = self._run_length(out) if pt == 0 else 1
         last = slow * self.cost.step_s(0, 0.0, ds, dc + (k - 1) * ds) if k > 1 else first
@@ -258,11 +263,12 @@ class SimWorker:
             self.notify(self, events, now)
         self._start(now)
         if self.run is None and self.host is not None:
-            self._neighbours_changed(now)  # idle now: the others' steps speed up
+            self.host_changed(now)  # idle now: the others' steps speed up
 
-    def _neighbours_changed(self, now: float) -> None:
-        """This worker started or stopped stepping: the others of its host end their runs
-        with the step in flight, so their next steps are timed with the host as it is."""
+    def host_changed(self, now: float) -> None:
+        """This worker started or stopped stepping (or starting up): the others of its
+        host end their runs with the step in flight, so their next steps are timed with the
+        host as it is."""
         for w in self.host or ():
             if w is not self and w.run is not None and w.run.steps > 1:
                 w.interrupt(now)

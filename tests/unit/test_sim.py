@@ -14,6 +14,7 @@ from sim.cluster import Cluster, ClusterConfig
 from sim.cost import FittedCost, Hops
 from sim.noise import StepNoise
 from sim.simulate import simulate
+from sim.worker import Role
 from sim.workload import SimRequest, generate, parse_length, poisson_times
 
 COEF = {"fixed": 0.004, "prefill_tokens": 4e-5, "prefill_ctx": 1e-9, "decode_seqs": 5e-4,
@@ -251,3 +252,22 @@ def test_a_step_beside_a_prefilling_worker_of_its_host_takes_host_share_prefill(
     # two others stepping on two cores' worth of threads: their shares averaged, and 3/2
     assert c.host_factor(3, 1) == pytest.approx((1.3 + 1.0) / 2 * 1.5)
     assert c.host_factor(2, 0) == pytest.approx(1.3) and c.host_factor(1) == 1.0
+
+
+def test_a_worker_starting_up_slows_its_hosts_steps_until_it_is_active():
+    """A new worker loads the model and profiles on the host's cores: from its start to its
+    activation, 2 s later, the decoding worker's steps take host_share_prefill (1.5); the
+    request ends 2 - 2 / 1.5 s later than on a host nobody joins. On separate hosts
+    (shared_host off) the start-up costs it nothing."""
+    reqs = [SimRequest(0.0, 16, 2000)]
+    ends = {}
+    for shared, joins in ((True, False), (True, True), (False, True)):
+        c = cost()
+        c.host_share, c.host_share_prefill = 1.2, 1.5
+        cluster = Cluster(ClusterConfig(mode="colocated", prefill=1, decode=0,
+                                        shared_host=shared), c)  # fmt: skip
+        if joins:
+            cluster.at(1.0, lambda now, cl=cluster: cl.add_worker(Role.COLOCATED, start_s=2.0))
+        ends[shared, joins] = cluster.run(reqs)[0].end_s
+    assert ends[True, True] - ends[True, False] == pytest.approx(2 - 2 / 1.5, abs=0.02)
+    assert ends[False, True] == pytest.approx(ends[True, False])
