@@ -168,7 +168,7 @@ class SimWorker:
         if self.host is not None:
             busy = [w.run for w in self.host if w.run is not None]
             # a worker starting up (loading the model, profiling its steps) takes the host's
-            # cores as a worker on prompt tokens does: the 5 req/s ramp's steps ran 1.1-1.6x
+            # cores as a worker on prompt tokens does: the 5 req/s ramp's steps ran 1.2-1.5x
             # the host factor while one started, and ~1.0x otherwise (bench.sim_host)
             starting = sum(w.state is State.STARTING for w in self.host)
             slow = self.cost.host_factor(1 + len(busy) + starting,
