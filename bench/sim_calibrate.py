@@ -107,13 +107,17 @@ def simulate_mode(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int
     return simulate(cost, cfg, reqs, args.ttft_ms / 1000, args.tpot_ms / 1000)
 
 
+def draws(cost: FittedCost) -> int:
+    """Simulations a figure takes: NOISE_DRAWS where the steps scatter, else one."""
+    return NOISE_DRAWS if cost.noise is not None else 1
+
+
 def simulate_draws(cost: FittedCost, mode: str, reqs: list[SimRequest], seed: int,
                    args: argparse.Namespace) -> tuple[dict, dict]:  # fmt: skip
     """Each figure's median over NOISE_DRAWS simulations (one where the steps do not
     scatter), each with its own draw of the workers' slowness, and its spread."""
-    draws = NOISE_DRAWS if cost.noise is not None else 1
     return median_of([simulate_mode(cost, mode, reqs, seed, args, n).summary
-                      for n in range(draws)])  # fmt: skip
+                      for n in range(draws(cost))])  # fmt: skip
 
 
 def calibrate(base: FittedCost, mode: str, args: argparse.Namespace) -> tuple[FittedCost, dict]:
@@ -145,7 +149,7 @@ def calibrated(base: FittedCost, mode: str, real: list[dict], steps: Path,
     light = len(requests_of([p for p in load if not p.get("unscaled")], args.seed + 100,
                             args.scale))  # fmt: skip
     gaps = []
-    for n in range(NOISE_DRAWS if fitted.noise is not None else 1):
+    for n in range(draws(fitted)):
         sim = simulate_mode(fitted, mode, reqs, args.seed + 100, args, n)
         gaps += [(r["ttft_s"] - s.ttft_s, s.busy)
                  for r, s in zip(real[:light], sim.records[:light], strict=True)

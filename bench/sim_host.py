@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.sim_steps import fit_logged, logged_steps, read_logs
+from bench.sim_steps import fit_logged, logged_steps, read_logs, steps_of
 from sim.cost import FittedCost
 
 MIN_GROUP = 10  # steps in a group before `pairs` prints it
@@ -73,7 +73,7 @@ def pairs(cost: FittedCost, directory: Path) -> dict[tuple[int, int], list[float
     procs = read_logs(directory)
     starts = [[s[4] for s in p] for p in procs]
     out: dict[tuple[int, int], list[float]] = defaultdict(list)
-    for r in logged_steps(directory):
+    for r in steps_of(procs):
         if r.features[0] or not r.features[2] or r.overlap - r.prefill_overlap < 0.9:
             continue
         end, beside = r.start + r.seconds, []

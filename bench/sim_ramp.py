@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.sim_calibrate import NOISE_DRAWS
+from bench.sim_calibrate import draws
 from planner import AutoscaleConfig, PoolLimits
 from sim.cluster import ClusterConfig
 from sim.cost import FittedCost
@@ -70,13 +70,12 @@ def compare_ramp(base: FittedCost, path: Path) -> dict[str, Any]:
             for t in poisson_times(phases, cfg["seed"])]  # fmt: skip
     horizon = sum(s for s, _ in phases)
     slo = (auto.ttft_target_s, auto.tpot_target_s)
-    draws = NOISE_DRAWS if cost.noise is not None else 1
     runs = [simulate(cost, ClusterConfig(shared_host=True, seed=cfg["seed"], noise_seed=n),
                      reqs, *slo, autoscale=auto, duration_s=horizon)
-            for n in range(draws)]  # fmt: skip
+            for n in range(draws(cost))]  # fmt: skip
     timelines = median_timelines(runs)
     out: dict[str, Any] = {"result": str(path), "worker_start_s": start_s, "pools": {},
-                           "draws": draws}  # fmt: skip
+                           "draws": len(runs)}  # fmt: skip
     for pool in POOLS:
         real_tl = [(p["t"], p[f"{pool}_active"]) for p in real["polls"]]
         sim_tl = timelines[pool]

@@ -28,23 +28,31 @@ MIN_PREFILL_STEPS = 30  # steps with prompt tokens before theirs is
 
 
 class Logged(NamedTuple):
-    """One logged step: its features, seconds, overlaps and the workers beside it
-    (`_overlap`), start and worker."""
+    """One logged step: its features, seconds, how many other workers of the host stepped
+    beside it and how many of those on prompt tokens (each one's fraction of the step,
+    summed: `_overlap`), its start and its worker."""
 
     features: tuple
     seconds: float
-    overlap: float
-    prefill_overlap: float
     beside: float = 0.0
     beside_prefill: float = 0.0
     start: float = 0.0
     worker: int = 0
 
+    @property
+    def overlap(self) -> float:
+        """The fraction of the step during which another worker stepped (at most 1)."""
+        return min(1.0, self.beside)
 
-def _overlap(others: list[list], start: float, end: float) -> tuple[float, float, float, float]:
-    """The fractions of [start, end] during which another worker of the host was stepping,
-    and was on a step holding prompt tokens; and how many other workers stepped (each
-    one's fraction of it, summed), and how many on prompt tokens."""
+    @property
+    def prefill_overlap(self) -> float:
+        """The part of that on steps holding prompt tokens."""
+        return min(1.0, self.beside_prefill)
+
+
+def _overlap(others: list[list], start: float, end: float) -> tuple[float, float]:
+    """How many other workers stepped during [start, end] (each one's fraction of it,
+    summed), and how many on steps holding prompt tokens."""
     busy = prefill = 0.0
     for o in others:
         s, e = o[4], o[4] + o[5]
@@ -53,9 +61,7 @@ def _overlap(others: list[list], start: float, end: float) -> tuple[float, float
             busy += shared
             prefill += shared if o[0] else 0.0
     span = end - start
-    if span <= 0:
-        return 0.0, 0.0, 0.0, 0.0
-    return min(1.0, busy / span), min(1.0, prefill / span), busy / span, prefill / span
+    return (busy / span, prefill / span) if span > 0 else (0.0, 0.0)
 
 
 def read_logs(directory: Path) -> list[list[list]]:
@@ -69,13 +75,17 @@ def read_logs(directory: Path) -> list[list[list]]:
 
 
 def logged_steps(directory: Path) -> list[Logged]:
-    """(features, seconds, overlap, prefill overlap) of every step the workers logged. A
+    """Every step the workers logged under `directory` (`steps_of`)."""
+    return steps_of(read_logs(directory))
+
+
+def steps_of(procs: list[list[list]]) -> list[Logged]:
+    """Each worker's steps (`read_logs`) with the workers beside them. A
     step followed back to back by the next one is timed start to start, so the worker's own
     cost between steps (handing out tokens, taking new requests) counts, as it does on the
     simulated clock. overlap: the fraction of it another worker of the host spent stepping
     too; prefill overlap: the part of that on steps holding prompt tokens. Empty: nothing
-    logged there."""
-    procs = read_logs(directory)
+    logged."""
     rows: list[Logged] = []
     for i, steps in enumerate(procs):
         others = sorted((s for j, p in enumerate(procs) if j != i for s in p), key=lambda s: s[4])
@@ -108,7 +118,9 @@ def fit_with_contention(rows: list[Logged]) -> tuple[FittedCost, float, float]:
     share = on_prefill = 1.0
     base = FittedCost({}, 1)
     for _ in range(FIT_TURNS):
-        adjusted = [(f, dt / slowdown(share, on_prefill, ov, ovp)) for f, dt, ov, ovp, *_ in rows]
+        adjusted = [(r.features,
+                     r.seconds / slowdown(share, on_prefill, r.overlap, r.prefill_overlap))
+                    for r in rows]  # fmt: skip
         coef, knee = fit_knee(adjusted)
         base = FittedCost(coef, 1, decode_knee=knee)
         beside_decode = [r.seconds / base.step_s(*r.features) for r in rows
@@ -136,8 +148,9 @@ def ratios(cost: FittedCost, rows: list[Logged]) -> list[float]:
     """Each logged step's real time over what `cost` says for it, beside the neighbours it
     had (the host's contention taken out)."""
     share, on_prefill = cost.host_share, cost.share_beside_prefill
-    return [dt / (cost.step_s(*f) * slowdown(share, on_prefill, ov, ovp))
-            for f, dt, ov, ovp, *_ in rows]  # fmt: skip
+    return [r.seconds / (cost.step_s(*r.features)
+                         * slowdown(share, on_prefill, r.overlap, r.prefill_overlap))
+            for r in rows]  # fmt: skip
 
 
 def fit_logged(
@@ -152,7 +165,9 @@ def fit_logged(
     cost = dataclasses.replace(base, coef=fitted.coef, decode_knee=fitted.decode_knee,
                                host_share=share, host_share_prefill=on_prefill,
                                source=source, noise=None)  # fmt: skip
-    return dataclasses.replace(cost, noise=fit_noise(cost, rows) if scatter else None), rows
+    if scatter:
+        cost.noise = fit_noise(cost, rows)
+    return cost, rows
 
 
 def persistence(cost: FittedCost, rows: list[Logged],
@@ -162,7 +177,7 @@ def persistence(cost: FittedCost, rows: list[Logged],
     autocorrelation 1 and 10 steps on, and the coefficient of variation of the mean over
     `window` consecutive steps (about a request's life), against what independent steps
     would give (the first over sqrt(window)). None: too few decode steps."""
-    r = ratios(cost, [row for row in rows if row[0][2] and not row[0][0]])
+    r = ratios(cost, [row for row in rows if row.features[2] and not row.features[0]])
     if len(r) < 4 * window:
         return None
     mean, var = statistics.fmean(r), statistics.pvariance(r)

@@ -169,8 +169,8 @@ def test_a_slowness_that_lasts_is_told_from_a_step_to_step_scatter():
     scattered = [rng.choice((0.8, 1.2)) for _ in range(2000)]
     found = {}
     for name, factors in (("lasting", lasting), ("scattered", scattered)):
-        rows = [((0, 0.0, 4, 256), t0 * k, 0.0, 0.0) for k in factors]
-        rows.append(((128, 0.0, 0, 0), 5.0, 0.0, 0.0))  # a prefill step: not counted
+        rows = [sim_steps.Logged((0, 0.0, 4, 256), t0 * k) for k in factors]
+        rows.append(sim_steps.Logged((128, 0.0, 0, 0), 5.0))  # a prefill step: not counted
         found[name] = sim_steps.persistence(cost, rows)
     assert found["lasting"]["lag10"] > 0.9 and found["lasting"]["window_cv"] > 0.15
     assert abs(found["scattered"]["lag1"]) < 0.1
